@@ -1,0 +1,47 @@
+"""What routes receive: the services built in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.api.errors import ApiError
+from app.publish import Publisher
+from app.service import PushReceiver
+from app.settings import Settings
+from app.store.runs import RunStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    store: RunStore
+    receiver: PushReceiver
+    publisher: Publisher
+    head_revision: str | None
+    schema_current: bool = False
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def get_ready_services(request: Request) -> Services:
+    """Services for routes that need the schema to be current; 503 otherwise."""
+    services = get_services(request)
+    if not services.schema_current:
+        raise ApiError(
+            503,
+            "schema_behind",
+            "database schema is not at the current migration; run `alembic upgrade head`",
+        )
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+ReadyServicesDep = Annotated[Services, Depends(get_ready_services)]

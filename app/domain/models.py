@@ -1,0 +1,97 @@
+"""Values the pipeline produces and consumes; pydantic only, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DecisionLabel = Literal["approve", "revise", "reject"]
+Effort = Literal["small", "medium", "large", "very_large"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Proposal(_Strict):
+    """The expanded idea (output of the `expand` step)."""
+
+    title: str
+    summary: str
+    problem_statement: str
+    proposed_solution: str
+    assumptions: list[str]
+    scope_non_goals: list[str]
+
+
+class Concern(_Strict):
+    text: str
+    is_blocking: bool
+
+
+class BlockingIssue(_Strict):
+    text: str
+    security_critical: bool
+
+
+class ReviewContent(_Strict):
+    """What the model writes for one persona; identity fields are added by the code."""
+
+    confidence_score: float = Field(ge=0.0, le=1.0)
+    strengths: list[str]
+    concerns: list[Concern]
+    blocking_issues: list[BlockingIssue]
+    recommendations: list[str]
+    estimated_effort: Effort
+    dependency_risks: list[str]
+
+
+class PersonaReview(ReviewContent):
+    """A full review: the model's content plus the persona it belongs to."""
+
+    persona_id: str
+    persona_name: str
+
+
+class PersonaContribution(_Strict):
+    persona_id: str
+    persona_name: str
+    weight: float
+    confidence_score: float
+    weighted_contribution: float
+
+
+class MinorityReport(_Strict):
+    persona_id: str
+    persona_name: str
+    confidence_score: float
+    reason: str
+    blocking_issues: list[BlockingIssue]
+
+
+class Decision(_Strict):
+    """Deterministic outcome of the five reviews."""
+
+    decision: DecisionLabel
+    overall_weighted_confidence: float
+    security_veto_applied: bool
+    breakdown: list[PersonaContribution]
+    minority_reports: list[MinorityReport]
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Tokens consumed by one or more LLM calls."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.total_tokens + other.total_tokens,
+        )

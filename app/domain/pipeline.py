@@ -1,0 +1,178 @@
+"""The consensus pipeline: expand, five concurrent reviews, aggregate; resumes from checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from app.domain import prompts
+from app.domain.aggregate import aggregate
+from app.domain.llm import LLM, LLMCallError, LLMRequest, LLMResult, T
+from app.domain.models import Decision, PersonaReview, Proposal, ReviewContent, TokenUsage
+from app.domain.personas import AGGREGATE_STEP, EXPAND_STEP, PERSONAS, Persona
+from app.domain.retry import RetryPolicy
+from app.errors import PermanentError, StepFailedPermanent, StepFailedTransient
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    expand_model: str
+    expand_temperature: float
+    review_model: str
+    review_temperature: float
+    step_timeout: float
+    retry: RetryPolicy
+
+
+@dataclass
+class Checkpoint:
+    """What earlier deliveries of the run already completed."""
+
+    proposal: Proposal | None = None
+    reviews: dict[str, PersonaReview] = field(default_factory=dict)
+
+
+class Progress(Protocol):
+    """Where the pipeline reports each step; the service persists it (the checkpoints)."""
+
+    async def step_started(self, step: str) -> int:
+        """Record a new attempt of `step`; return its attempt number across all deliveries."""
+        ...
+
+    async def attempt_failed(self, step: str, error: str, usage: TokenUsage) -> None: ...
+
+    async def step_failed(self, step: str, error: str) -> None: ...
+
+    async def step_completed(self, step: str, output: BaseModel, usage: TokenUsage) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunInput:
+    run_id: str
+    idea: str
+    extra_context: str | dict[str, Any] | None
+
+
+async def run_pipeline(
+    run: RunInput,
+    checkpoint: Checkpoint,
+    llm: LLM,
+    progress: Progress,
+    config: PipelineConfig,
+) -> Decision:
+    """Run the steps not yet in `checkpoint`; never repeats a completed step's LLM call."""
+    proposal = checkpoint.proposal
+    if proposal is None:
+        expanded = await _call_step(
+            run,
+            EXPAND_STEP,
+            Proposal,
+            config.expand_model,
+            config.expand_temperature,
+            prompts.EXPAND_INSTRUCTIONS,
+            prompts.expand_input(run.idea, run.extra_context),
+            llm,
+            progress,
+            config,
+        )
+        proposal = expanded.output
+        await progress.step_completed(EXPAND_STEP, proposal, expanded.usage)
+
+    pending = [p for p in PERSONAS if p.persona_id not in checkpoint.reviews]
+    results = await asyncio.gather(
+        *(_review(run, persona, proposal, llm, progress, config) for persona in pending),
+        return_exceptions=True,
+    )
+    reviews = dict(checkpoint.reviews)
+    errors: list[BaseException] = []
+    for persona, result in zip(pending, results, strict=True):
+        if isinstance(result, BaseException):
+            errors.append(result)
+        else:
+            reviews[persona.persona_id] = result
+    if errors:
+        # Every review that could finish is checkpointed; report the most final failure.
+        permanent = [e for e in errors if isinstance(e, PermanentError)]
+        raise (permanent or errors)[0]
+
+    await progress.step_started(AGGREGATE_STEP)
+    decision = aggregate(list(reviews.values()))
+    await progress.step_completed(AGGREGATE_STEP, decision, TokenUsage())
+    return decision
+
+
+async def _review(
+    run: RunInput,
+    persona: Persona,
+    proposal: Proposal,
+    llm: LLM,
+    progress: Progress,
+    config: PipelineConfig,
+) -> PersonaReview:
+    result = await _call_step(
+        run,
+        persona.step_name,
+        ReviewContent,
+        config.review_model,
+        config.review_temperature,
+        prompts.review_instructions(persona),
+        prompts.review_input(proposal, run.idea),
+        llm,
+        progress,
+        config,
+    )
+    review = PersonaReview(
+        **result.output.model_dump(), persona_id=persona.persona_id, persona_name=persona.name
+    )
+    await progress.step_completed(persona.step_name, review, result.usage)
+    return review
+
+
+async def _call_step(
+    run: RunInput,
+    step: str,
+    output_type: type[T],
+    model: str,
+    temperature: float,
+    instructions: str,
+    text: str,
+    llm: LLM,
+    progress: Progress,
+    config: PipelineConfig,
+) -> LLMResult[T]:
+    """One step's LLM call under the retry policy and the step timeout."""
+    retry_index = 0
+    while True:
+        attempt = await progress.step_started(step)
+        request = LLMRequest(
+            step=step,
+            model=model,
+            temperature=temperature,
+            instructions=instructions,
+            input=text,
+            output_type=output_type,
+            client_request_id=f"{run.run_id}/{step}/{attempt}",
+        )
+        try:
+            async with asyncio.timeout(config.step_timeout):
+                result = await llm.generate(request)
+        except TimeoutError:
+            error = LLMCallError(f"timed out after {config.step_timeout:g}s", retryable=True)
+        except LLMCallError as exc:
+            error = exc
+        else:
+            return result
+
+        message = f"attempt {attempt}: {error}"
+        await progress.attempt_failed(step, message, error.usage)
+        delay = config.retry.delay(retry_index, error.retry_after) if error.retryable else None
+        if delay is None:
+            await progress.step_failed(step, message)
+            if error.retryable:
+                raise StepFailedTransient(f"{step} failed: {message}")
+            raise StepFailedPermanent(f"{step} failed: {message}")
+        retry_index += 1
+        await asyncio.sleep(delay)

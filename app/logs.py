@@ -1,0 +1,89 @@
+"""Logging: readable text in development, one Cloud Logging JSON object per line in production."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+if TYPE_CHECKING:
+    from loguru import Message, Record
+
+# Set from X-Cloud-Trace-Context for the duration of a request.
+trace_context: ContextVar[str | None] = ContextVar("trace_context", default=None)
+
+_SEVERITY = {
+    "TRACE": "DEBUG",
+    "DEBUG": "DEBUG",
+    "INFO": "INFO",
+    "SUCCESS": "INFO",
+    "WARNING": "WARNING",
+    "ERROR": "ERROR",
+    "CRITICAL": "CRITICAL",
+}
+
+
+def configure_logging(production: bool, level: str, project_id: str | None) -> None:
+    """Replace loguru's default sink; route the standard library's logging through it."""
+    logger.remove()
+    if production:
+        logger.add(_json_sink(project_id), level=level, enqueue=False)
+    else:
+        logger.add(
+            sys.stderr,
+            level=level,
+            format=(
+                "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+                "{message} <dim>{extra}</dim>"
+            ),
+        )
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers = [_InterceptHandler()]
+        logging.getLogger(name).propagate = False
+    logging.getLogger("uvicorn.access").handlers = []
+    logging.getLogger("uvicorn.access").propagate = False
+
+
+def cloud_logging_record(record: Record, project_id: str | None) -> dict[str, Any]:
+    """The JSON object Cloud Logging reads from a container's stdout for one log record."""
+    entry: dict[str, Any] = {
+        "severity": _SEVERITY.get(record["level"].name, "DEFAULT"),
+        "message": record["message"],
+        "time": record["time"].isoformat(),
+        "logger": record["name"],
+    }
+    for key, value in record["extra"].items():
+        entry[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
+    trace = trace_context.get()
+    if trace:
+        trace_id = trace.split("/", 1)[0]
+        entry["logging.googleapis.com/trace"] = (
+            f"projects/{project_id}/traces/{trace_id}" if project_id else trace_id
+        )
+    if record["exception"] is not None:
+        entry["exception"] = "".join(traceback.format_exception(*record["exception"]))
+    return entry
+
+
+def _json_sink(project_id: str | None) -> Any:
+    def sink(message: Message) -> None:
+        line = json.dumps(cloud_logging_record(message.record, project_id), default=str)
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    return sink
+
+
+class _InterceptHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())

@@ -1,0 +1,182 @@
+"""The FastAPI application: `create_app(settings)` wires every part; `app` is the default one."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from loguru import logger
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api import health, push, runs
+from app.api.deps import Services
+from app.api.errors import install_error_handlers, request_id_var
+from app.domain.llm import LLM
+from app.domain.personas import validate_policy
+from app.domain.pipeline import PipelineConfig
+from app.domain.retry import RetryPolicy
+from app.llm.offline import OfflineProvider
+from app.llm.openai_provider import OpenAIProvider, build_client
+from app.logs import configure_logging, trace_context
+from app.publish import InProcessPublisher
+from app.service import ExecutionLimits, PushReceiver, Runner
+from app.settings import Settings, get_settings
+from app.store.db import build_engine, current_revision, head_revision, upgrade_to_head
+from app.store.runs import RunStore
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The service for `settings`; everything with I/O is built in the lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(
+            settings.env == "production", settings.log_level, settings.pubsub_project_id
+        )
+        validate_policy()
+        engine = build_engine(settings)
+        if settings.auto_migrate:
+            await upgrade_to_head(engine)
+        store = RunStore(engine)
+        llm = _build_llm(settings)
+        runner = Runner(
+            store,
+            llm,
+            pipeline_config(settings),
+            ExecutionLimits(
+                lease_seconds=settings.run_lease_seconds,
+                push_deadline_seconds=settings.effective_push_deadline_seconds,
+                job_timeout_seconds=settings.worker_job_timeout_seconds,
+                max_delivery_attempts=settings.max_delivery_attempts,
+                max_concurrent_runs=settings.worker_max_concurrency,
+            ),
+            instance_id=f"{socket.gethostname()}:{os.getpid()}",
+        )
+        receiver = PushReceiver(store, runner)
+        publisher = InProcessPublisher(
+            receiver.handle,
+            max_attempts=settings.max_delivery_attempts,
+            initial_backoff=max(settings.retry_initial_backoff_seconds, 0.1),
+        )
+        services = Services(
+            settings=settings,
+            engine=engine,
+            store=store,
+            receiver=receiver,
+            publisher=publisher,
+            head_revision=head_revision(),
+        )
+        try:
+            services.schema_current = await current_revision(engine) == services.head_revision
+        except Exception as exc:  # the service still starts; /ready reports the database
+            logger.error("database unreachable at start-up: {}", exc)
+        if not services.schema_current:
+            logger.error(
+                "database schema is behind {}: run `alembic upgrade head`; refusing work",
+                services.head_revision,
+            )
+        app.state.services = services
+        logger.info(
+            "service started (llm={}, database={}, push_auth={})",
+            settings.effective_llm_provider,
+            engine.url.get_backend_name(),
+            settings.effective_push_auth,
+            lifecycle_event="worker.started",
+        )
+        try:
+            yield
+        finally:
+            await publisher.aclose()
+            if isinstance(llm, OpenAIProvider):
+                await llm.aclose()
+            await engine.dispose()
+            logger.info("service stopped")
+
+    app = FastAPI(
+        title="consensus-engine",
+        summary="An LLM consensus review pipeline behind Google Cloud Pub/Sub push.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(push.router)
+    app.include_router(runs.router)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+def pipeline_config(settings: Settings) -> PipelineConfig:
+    """The domain's view of the settings."""
+    return PipelineConfig(
+        expand_model=settings.effective_expand_model,
+        expand_temperature=settings.expand_temperature,
+        review_model=settings.effective_review_model,
+        review_temperature=settings.review_temperature,
+        step_timeout=settings.worker_step_timeout_seconds,
+        retry=RetryPolicy(
+            max_retries=settings.max_retries_per_persona,
+            initial_backoff=settings.retry_initial_backoff_seconds,
+            multiplier=settings.retry_backoff_multiplier,
+            max_backoff=settings.retry_max_backoff_seconds,
+        ),
+    )
+
+
+def _build_llm(settings: Settings) -> LLM:
+    if settings.effective_llm_provider == "offline":
+        return OfflineProvider()
+    assert settings.openai_api_key is not None  # Settings guarantees it for openai
+    client = build_client(
+        settings.openai_api_key.get_secret_value(),
+        settings.openai_base_url,
+        settings.worker_step_timeout_seconds,
+    )
+    return OpenAIProvider(client, settings.llm_max_concurrency)
+
+
+class RequestContextMiddleware:
+    """`X-Request-ID` on every response; request and trace ids on every log line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        request_token = request_id_var.set(request_id)
+        trace_token = trace_context.set(headers.get("x-cloud-trace-context"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"].append((b"x-request-id", request_id.encode("latin-1")))
+            await send(message)
+
+        try:
+            with logger.contextualize(request_id=request_id):
+                await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(request_token)
+            trace_context.reset(trace_token)
+
+
+app: FastAPI  # built on first access by __getattr__ below
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn app.main:app` builds the default app on first access, not at import, so
+    # tests and tools can import this module without reading the environment.
+    if name == "app":
+        global app
+        app = create_app(get_settings())
+        return app
+    raise AttributeError(name)

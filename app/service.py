@@ -1,0 +1,284 @@
+"""Where the store and the domain meet: claim a run, run the pipeline with checkpoints, persist.
+
+`Runner.execute` turns one delivery of a run into an `Outcome`; `PushReceiver.handle` turns one
+push request into an `Outcome`, quarantining what cannot be a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from loguru import logger
+from pydantic import BaseModel
+
+from app.domain.llm import LLM
+from app.domain.models import TokenUsage
+from app.domain.pipeline import PipelineConfig, run_pipeline
+from app.errors import LeaseLost, PermanentError, StoreUnavailable, TransientError
+from app.push.envelope import MalformedPush, decode_push, parse_job
+from app.push.policy import Outcome
+from app.store.runs import ClaimOutcome, RunStore, utcnow
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ExecutionLimits:
+    lease_seconds: float
+    push_deadline_seconds: float
+    job_timeout_seconds: float
+    max_delivery_attempts: int
+    max_concurrent_runs: int
+
+
+class _StoreProgress:
+    """The pipeline's `Progress`, persisted through the store under this delivery's lease."""
+
+    def __init__(self, store: RunStore, run_id: str, owner: str) -> None:
+        self._store = store
+        self._run_id = run_id
+        self._owner = owner
+
+    async def step_started(self, step: str) -> int:
+        attempt = await self._store.step_started(self._run_id, self._owner, step)
+        logger.info("step started", lifecycle_event="step_started", step=step, attempt=attempt)
+        return attempt
+
+    async def attempt_failed(self, step: str, error: str, usage: TokenUsage) -> None:
+        await self._store.attempt_failed(self._run_id, self._owner, step, error, usage)
+        logger.warning("step attempt failed: {}", error, step=step)
+
+    async def step_failed(self, step: str, error: str) -> None:
+        await self._store.step_failed(self._run_id, self._owner, step, error)
+        logger.error("step failed: {}", error, lifecycle_event="step_failed", step=step)
+
+    async def step_completed(self, step: str, output: BaseModel, usage: TokenUsage) -> None:
+        await self._store.step_completed(self._run_id, self._owner, step, output, usage)
+        logger.info(
+            "step completed",
+            lifecycle_event="step_completed",
+            step=step,
+            total_tokens=usage.total_tokens,
+        )
+
+
+class Runner:
+    """Executes runs exactly once across concurrent and repeated deliveries."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        llm: LLM,
+        config: PipelineConfig,
+        limits: ExecutionLimits,
+        instance_id: str,
+    ) -> None:
+        self._store = store
+        self._llm = llm
+        self._config = config
+        self._limits = limits
+        self._instance_id = instance_id
+        self._active = 0
+
+    async def execute(self, run_id: str, delivery_attempt: int | None) -> Outcome | None:
+        """One delivery of `run_id`; None when no such run exists."""
+        if self._active >= self._limits.max_concurrent_runs:
+            logger.warning("at WORKER_MAX_CONCURRENCY; asking Pub/Sub to redeliver", run_id=run_id)
+            return Outcome.OVERLOADED
+        self._active += 1
+        try:
+            with logger.contextualize(run_id=run_id):
+                return await self._execute(run_id, delivery_attempt)
+        finally:
+            self._active -= 1
+
+    async def _execute(self, run_id: str, delivery_attempt: int | None) -> Outcome | None:
+        owner = f"{self._instance_id}/{uuid.uuid4().hex[:12]}"
+        claim = await self._store.claim(run_id, owner, self._limits.lease_seconds, delivery_attempt)
+        if claim.outcome is ClaimOutcome.NOT_FOUND:
+            return None
+        if claim.outcome is ClaimOutcome.FINISHED:
+            logger.info(
+                "run already {}; acknowledging duplicate delivery",
+                claim.status,
+                lifecycle_event="idempotent_skip",
+            )
+            return Outcome.ALREADY_DONE
+        if claim.outcome is ClaimOutcome.BUSY:
+            logger.info("run is leased by another delivery", lifecycle_event="lease_busy")
+            return Outcome.LEASE_BUSY
+
+        attempt = max(delivery_attempt or 0, claim.delivery_count)
+        assert claim.started_at is not None
+        elapsed = (utcnow() - claim.started_at).total_seconds()
+        remaining = self._limits.job_timeout_seconds - elapsed
+        if remaining <= 0:
+            return await self._fail(
+                run_id, owner, f"job timeout of {self._limits.job_timeout_seconds:g}s exceeded"
+            )
+        budget = min(self._limits.push_deadline_seconds, remaining)
+        job_timeout_binds = remaining <= self._limits.push_deadline_seconds
+        logger.info("job started", lifecycle_event="job_started", delivery_attempt=attempt)
+
+        try:
+            run, checkpoint = await self._store.load_work(run_id)
+            progress = _StoreProgress(self._store, run_id, owner)
+            async with asyncio.timeout(budget):
+                decision = await self._with_heartbeat(
+                    run_id,
+                    owner,
+                    run_pipeline(run, checkpoint, self._llm, progress, self._config),
+                )
+            await self._store.complete(run_id, owner)
+        except TimeoutError:
+            if job_timeout_binds:
+                return await self._fail(
+                    run_id, owner, f"job timeout of {self._limits.job_timeout_seconds:g}s exceeded"
+                )
+            return await self._transient(
+                run_id,
+                owner,
+                attempt,
+                f"delivery deadline of {budget:g}s reached; checkpoint kept",
+            )
+        except LeaseLost as exc:
+            logger.warning("lease lost while working: {}", exc, lifecycle_event="lease_busy")
+            return Outcome.LEASE_BUSY
+        except PermanentError as exc:
+            return await self._fail(run_id, owner, str(exc))
+        except TransientError as exc:
+            return await self._transient(run_id, owner, attempt, str(exc))
+        logger.info(
+            "job completed: {}",
+            decision.decision,
+            lifecycle_event="job_completed",
+            decision=decision.decision,
+            overall_weighted_confidence=decision.overall_weighted_confidence,
+        )
+        return Outcome.COMPLETED
+
+    async def _with_heartbeat(self, run_id: str, owner: str, work: Awaitable[R]) -> R:
+        """Await `work` while renewing the lease every third of its length."""
+        task = asyncio.ensure_future(work)
+        lost = False
+
+        async def beat() -> None:
+            nonlocal lost
+            interval = self._limits.lease_seconds / 3
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    if not await self._store.heartbeat(run_id, owner, self._limits.lease_seconds):
+                        lost = True
+                        task.cancel()
+                        return
+                except StoreUnavailable as exc:
+                    # The fenced writes will notice if the lease really expires meanwhile.
+                    logger.warning("heartbeat failed: {}", exc)
+
+        heartbeat = asyncio.create_task(beat())
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if lost:
+                raise LeaseLost(f"run {run_id}: lease taken over while working") from None
+            raise
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _transient(self, run_id: str, owner: str, attempt: int, error: str) -> Outcome:
+        if attempt >= self._limits.max_delivery_attempts:
+            return await self._fail(
+                run_id,
+                owner,
+                f"{error} (delivery attempt {attempt} of {self._limits.max_delivery_attempts})",
+            )
+        logger.warning(
+            "transient failure, releasing for redelivery: {}", error, delivery_attempt=attempt
+        )
+        await self._store.release(run_id, owner, error)
+        return Outcome.RETRY
+
+    async def _fail(self, run_id: str, owner: str, error: str) -> Outcome:
+        if not await self._store.fail(run_id, owner, error):
+            return Outcome.LEASE_BUSY
+        logger.error("job failed: {}", error, lifecycle_event="job_failed")
+        return Outcome.FAILED
+
+
+class PushReceiver:
+    """Turns one push request into an outcome: decode, quarantine or resolve the run, execute."""
+
+    def __init__(self, store: RunStore, runner: Runner) -> None:
+        self._store = store
+        self._runner = runner
+
+    async def handle(self, body: bytes, headers: Mapping[str, str]) -> Outcome:
+        try:
+            return await self._handle(body, headers)
+        except StoreUnavailable as exc:
+            logger.error("database unavailable, asking Pub/Sub to redeliver: {}", exc)
+            return Outcome.RETRY
+
+    async def _handle(self, body: bytes, headers: Mapping[str, str]) -> Outcome:
+        try:
+            message = decode_push(body, headers)
+        except MalformedPush as exc:
+            return await self._reject(str(exc), body, headers, None, None)
+        try:
+            job = parse_job(message)
+        except MalformedPush as exc:
+            return await self._reject(
+                str(exc), body, headers, message.message_id, message.subscription
+            )
+
+        run_id = job.run_id
+        if run_id is None:
+            assert job.idea is not None and message.source_key is not None
+            run, created = await self._store.run_for_message(
+                message.source_key, job.idea, job.extra_context
+            )
+            run_id = run.id
+            if created:
+                logger.info(
+                    "run created from a self-contained job",
+                    run_id=run_id,
+                    lifecycle_event="enqueued",
+                    message_id=message.message_id,
+                )
+        outcome = await self._runner.execute(run_id, message.delivery_attempt)
+        if outcome is None:
+            return await self._reject(
+                f"unknown run_id {run_id}",
+                body,
+                headers,
+                message.message_id,
+                message.subscription,
+            )
+        return outcome
+
+    async def _reject(
+        self,
+        reason: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        message_id: str | None,
+        subscription: str | None,
+    ) -> Outcome:
+        kept = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        row_id = await self._store.quarantine(reason, body, kept, message_id, subscription)
+        logger.warning(
+            "push message rejected and quarantined: {}",
+            reason,
+            lifecycle_event="message_rejected",
+            quarantine_id=row_id,
+            message_id=message_id,
+        )
+        return Outcome.REJECTED

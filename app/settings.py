@@ -1,0 +1,195 @@
+"""Every setting of the service, read from the environment (and `.env`) in one place."""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from typing import Annotated, Literal
+from urllib.parse import quote_plus
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+GOOGLE_V1_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///./consensus_engine.db"
+# Left between the push deadline and Pub/Sub's ack deadline so the 503 reaches Pub/Sub in time.
+PUSH_DEADLINE_MARGIN_SECONDS = 30.0
+
+
+class Settings(BaseSettings):
+    """Service configuration; names match the environment variables (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    env: Literal["development", "production", "testing"] = "development"
+    log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # LLM
+    llm_provider: Literal["openai", "offline"] | None = None
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-5.1"
+    expand_model: str | None = None
+    expand_temperature: float = Field(0.7, ge=0.0, le=2.0)
+    review_model: str | None = None
+    review_temperature: float = Field(0.2, ge=0.0, le=2.0)
+    llm_max_concurrency: int = Field(16, ge=1, le=1000)
+    max_retries_per_persona: int = Field(3, ge=0, le=20)
+    retry_initial_backoff_seconds: float = Field(1.0, ge=0.0, le=600.0)
+    retry_backoff_multiplier: float = Field(2.0, ge=1.0, le=10.0)
+    retry_max_backoff_seconds: float = Field(60.0, gt=0.0, le=3600.0)
+
+    # Database
+    database_url: str | None = None
+    db_host: str | None = None
+    db_port: int = Field(5432, ge=1, le=65535)
+    db_name: str = "consensus_engine"
+    db_user: str = "postgres"
+    db_password: SecretStr | None = None
+    db_instance_connection_name: str | None = None
+    db_iam_auth: bool = False
+    use_cloud_sql_connector: bool = False
+    db_pool_size: int = Field(5, ge=1, le=100)
+    db_max_overflow: int = Field(10, ge=0, le=100)
+    db_pool_timeout_seconds: float = Field(10.0, gt=0.0, le=300.0)
+    db_auto_migrate: bool | None = None
+
+    # Pub/Sub
+    pubsub_project_id: str | None = None
+    pubsub_topic: str = "consensus-engine-jobs"
+    pubsub_subscription: str = "consensus-engine-jobs-sub"
+    pubsub_emulator_host: str | None = None
+
+    # Execution
+    worker_max_concurrency: int = Field(10, ge=1, le=1000)
+    worker_ack_deadline_seconds: int = Field(600, ge=10, le=600)
+    worker_step_timeout_seconds: float = Field(300.0, gt=0.0, le=3600.0)
+    worker_job_timeout_seconds: float = Field(1800.0, gt=0.0, le=86400.0)
+    run_lease_seconds: float = Field(60.0, ge=1.0, le=3600.0)
+    max_delivery_attempts: int = Field(5, ge=1, le=100)
+
+    # Push boundary
+    push_auth: Literal["oidc", "cloud-run-iam", "none"] | None = None
+    push_audience: str | None = None
+    push_service_accounts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    push_oidc_certs_url: str = GOOGLE_V1_CERTS_URL
+    push_deadline_seconds: float | None = Field(None, gt=0.0)
+    push_max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+    @field_validator("push_service_accounts", mode="before")
+    @classmethod
+    def _split_accounts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_database_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        for plain in ("postgres://", "postgresql://"):
+            if value.startswith(plain):
+                return "postgresql+asyncpg://" + value[len(plain) :]
+        if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError("must be a postgresql+asyncpg:// or sqlite+aiosqlite:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.effective_llm_provider == "openai" and self.openai_api_key is None:
+            raise ValueError("LLM_PROVIDER=openai needs OPENAI_API_KEY")
+        if self.use_cloud_sql_connector and not self.db_instance_connection_name:
+            raise ValueError("USE_CLOUD_SQL_CONNECTOR=true needs DB_INSTANCE_CONNECTION_NAME")
+        if self.effective_push_deadline_seconds >= self.worker_ack_deadline_seconds:
+            raise ValueError(
+                "PUSH_DEADLINE_SECONDS must be below WORKER_ACK_DEADLINE_SECONDS "
+                "so the answer reaches Pub/Sub before it gives up on the request"
+            )
+        if self.effective_push_auth == "oidc" and not self.push_audience:
+            raise ValueError("PUSH_AUTH=oidc needs PUSH_AUDIENCE")
+        if self.env == "production":
+            self._check_production()
+        return self
+
+    def _check_production(self) -> None:
+        if self.effective_llm_provider == "offline":
+            raise ValueError("ENV=production refuses LLM_PROVIDER=offline")
+        if self.effective_push_auth == "none":
+            raise ValueError("ENV=production refuses PUSH_AUTH=none")
+        if not self.push_service_accounts:
+            raise ValueError("ENV=production needs PUSH_SERVICE_ACCOUNTS")
+        if self.is_sqlite:
+            raise ValueError("ENV=production refuses SQLite; set DATABASE_URL, DB_* or Cloud SQL")
+
+    @property
+    def effective_llm_provider(self) -> Literal["openai", "offline"]:
+        if self.llm_provider is not None:
+            return self.llm_provider
+        return "openai" if self.openai_api_key is not None else "offline"
+
+    @property
+    def effective_push_auth(self) -> Literal["oidc", "cloud-run-iam", "none"]:
+        if self.push_auth is not None:
+            return self.push_auth
+        return "oidc" if self.env == "production" else "none"
+
+    @property
+    def effective_push_deadline_seconds(self) -> float:
+        if self.push_deadline_seconds is not None:
+            return self.push_deadline_seconds
+        return max(self.worker_ack_deadline_seconds - PUSH_DEADLINE_MARGIN_SECONDS, 1.0)
+
+    @property
+    def effective_expand_model(self) -> str:
+        return self.expand_model or self.openai_model
+
+    @property
+    def effective_review_model(self) -> str:
+        return self.review_model or self.openai_model
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The URL the engine connects to (the Cloud SQL connector replaces the host part)."""
+        if self.use_cloud_sql_connector:
+            return "postgresql+asyncpg://"
+        if self.database_url:
+            return self.database_url
+        if self.db_host:
+            password = (
+                ":" + quote_plus(self.db_password.get_secret_value()) if self.db_password else ""
+            )
+            return (
+                f"postgresql+asyncpg://{quote_plus(self.db_user)}{password}"
+                f"@{self.db_host}:{self.db_port}/{self.db_name}"
+            )
+        return EMBEDDED_DATABASE_URL
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.sqlalchemy_url.startswith("sqlite")
+
+    @property
+    def auto_migrate(self) -> bool:
+        """Migrate at start-up: on by default only for the embedded SQLite database."""
+        return self.db_auto_migrate if self.db_auto_migrate is not None else self.is_sqlite
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming each invalid variable, for the start-up failure message."""
+    parts = []
+    for item in error.errors():
+        name = "_".join(str(p) for p in item["loc"]).upper() or "configuration"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        parts.append(f"{name}: {message}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings from the environment, built once; exits with one clear line when invalid."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        print(describe_error(error), file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,489 @@
+"""The run repository: the only module that opens transactions and commits.
+
+Every method is one short transaction. None is held across an LLM call. Writes made while a
+pipeline runs are fenced by the lease: they apply only while the caller still owns the run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import selectinload
+
+from app.domain.models import Decision, PersonaReview, Proposal, TokenUsage
+from app.domain.personas import AGGREGATE_STEP, EXPAND_STEP, PERSONAS, STEP_NAMES
+from app.domain.pipeline import Checkpoint, RunInput
+from app.errors import LeaseLost, StoreUnavailable
+from app.store.tables import PersonaReviewRow, QuarantinedMessage, Run, StepProgress
+
+RUN_TYPE = "full_review"
+DEFAULT_PRIORITY = "normal"
+_PERSONA_BY_STEP = {p.step_name: p for p in PERSONAS}
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class ClaimOutcome(StrEnum):
+    CLAIMED = "claimed"
+    NOT_FOUND = "not_found"
+    FINISHED = "finished"  # completed or failed: nothing left to do
+    BUSY = "busy"  # another delivery holds a live lease
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    status: str | None = None
+    started_at: datetime | None = None
+    delivery_count: int = 0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class RunStore:
+    """Runs, their steps, reviews and decisions, leases, and quarantined messages."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work; driver and pool failures become `StoreUnavailable`."""
+        try:
+            async with self._sessions.begin() as session:
+                yield session
+        except (OperationalError, InterfaceError, PoolTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise StoreUnavailable("database connection lost") from exc
+            raise
+
+    # --- creating and reading runs -------------------------------------------------------
+
+    async def create_run(
+        self,
+        idea: str,
+        extra_context: str | dict[str, Any] | None,
+        source_key: str | None = None,
+    ) -> Run:
+        """A queued run with its seven pending steps."""
+        async with self._transaction() as session:
+            return _add_run(session, idea, extra_context, source_key)
+
+    async def run_for_message(
+        self, source_key: str, idea: str, extra_context: str | dict[str, Any] | None
+    ) -> tuple[Run, bool]:
+        """The run for a self-contained job message, created on first sight; (run, created)."""
+        existing = await self._run_by_source(source_key)
+        if existing is not None:
+            return existing, False
+        try:
+            return await self.create_run(idea, extra_context, source_key), True
+        except IntegrityError:
+            # A concurrent delivery of the same message created it first.
+            existing = await self._run_by_source(source_key)
+            if existing is None:
+                raise
+            return existing, False
+
+    async def _run_by_source(self, source_key: str) -> Run | None:
+        async with self._transaction() as session:
+            result = await session.execute(select(Run).where(Run.source_key == source_key))
+            return result.scalar_one_or_none()
+
+    async def get_run(self, run_id: str) -> Run | None:
+        """The run with its steps and reviews loaded."""
+        async with self._transaction() as session:
+            result = await session.execute(
+                select(Run)
+                .where(Run.id == run_id)
+                .options(selectinload(Run.steps), selectinload(Run.reviews))
+            )
+            return result.scalar_one_or_none()
+
+    async def list_runs(
+        self,
+        limit: int,
+        offset: int,
+        status: str | None = None,
+        decision: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+    ) -> tuple[Sequence[Run], int]:
+        """Newest first, with the total matching the filters."""
+        filters = []
+        if status is not None:
+            filters.append(Run.status == status)
+        if decision is not None:
+            filters.append(Run.decision_label == decision)
+        if created_after is not None:
+            filters.append(Run.created_at >= created_after)
+        if created_before is not None:
+            filters.append(Run.created_at < created_before)
+        async with self._transaction() as session:
+            total = await session.scalar(select(func.count()).select_from(Run).where(*filters))
+            result = await session.execute(
+                select(Run)
+                .where(*filters)
+                .order_by(Run.created_at.desc(), Run.id.desc())
+                .limit(limit)
+                .offset(offset)
+                .options(selectinload(Run.steps))
+            )
+            return result.scalars().all(), int(total or 0)
+
+    async def usage_by_run(self, run_ids: Sequence[str]) -> dict[str, TokenUsage]:
+        """Token usage summed over each run's steps."""
+        if not run_ids:
+            return {}
+        async with self._transaction() as session:
+            result = await session.execute(
+                select(
+                    StepProgress.run_id,
+                    func.sum(StepProgress.input_tokens),
+                    func.sum(StepProgress.output_tokens),
+                    func.sum(StepProgress.total_tokens),
+                )
+                .where(StepProgress.run_id.in_(run_ids))
+                .group_by(StepProgress.run_id)
+            )
+            return {
+                row[0]: TokenUsage(int(row[1] or 0), int(row[2] or 0), int(row[3] or 0))
+                for row in result.all()
+            }
+
+    # --- claiming and leases -------------------------------------------------------------
+
+    async def claim(
+        self, run_id: str, owner: str, lease_seconds: float, delivery_attempt: int | None
+    ) -> Claim:
+        """Take the run's lease with one conditional UPDATE; explain why when it cannot."""
+        now = utcnow()
+        async with self._transaction() as session:
+            result = await session.execute(
+                update(Run)
+                .where(
+                    Run.id == run_id,
+                    Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]),
+                    (Run.lease_owner.is_(None)) | (Run.lease_expires_at < now),
+                )
+                .values(
+                    status=RunStatus.RUNNING,
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    started_at=func.coalesce(Run.started_at, now),
+                    delivery_count=Run.delivery_count + 1,
+                    last_delivery_attempt=func.coalesce(
+                        delivery_attempt, Run.last_delivery_attempt
+                    ),
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            row = (
+                await session.execute(
+                    select(Run.status, Run.started_at, Run.delivery_count).where(Run.id == run_id)
+                )
+            ).one_or_none()
+        if row is None:
+            return Claim(ClaimOutcome.NOT_FOUND)
+        status, started_at, delivery_count = row
+        if _rowcount(result) == 1:
+            return Claim(ClaimOutcome.CLAIMED, status, started_at, delivery_count)
+        if status in (RunStatus.COMPLETED, RunStatus.FAILED):
+            return Claim(ClaimOutcome.FINISHED, status, started_at, delivery_count)
+        return Claim(ClaimOutcome.BUSY, status, started_at, delivery_count)
+
+    async def heartbeat(self, run_id: str, owner: str, lease_seconds: float) -> bool:
+        """Extend the lease; False when it is no longer ours."""
+        now = utcnow()
+        async with self._transaction() as session:
+            result = await session.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.lease_owner == owner)
+                .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+                .execution_options(synchronize_session=False)
+            )
+            return _rowcount(result) == 1
+
+    async def release(self, run_id: str, owner: str, error: str | None) -> None:
+        """Give the lease back, keeping every checkpoint; the run stays resumable."""
+        async with self._transaction() as session:
+            await session.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.lease_owner == owner)
+                .values(
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    error_message=error,
+                    updated_at=utcnow(),
+                )
+                .execution_options(synchronize_session=False)
+            )
+
+    async def load_work(self, run_id: str) -> tuple[RunInput, Checkpoint]:
+        """The run's input and whatever earlier deliveries completed."""
+        async with self._transaction() as session:
+            run = await session.get(Run, run_id, options=[selectinload(Run.reviews)])
+            if run is None:
+                raise LookupError(run_id)
+            checkpoint = Checkpoint(
+                proposal=Proposal.model_validate(run.proposal) if run.proposal else None,
+                reviews={
+                    row.persona_id: PersonaReview.model_validate(row.review) for row in run.reviews
+                },
+            )
+            return RunInput(run.id, run.input_idea, run.extra_context), checkpoint
+
+    # --- progress, fenced by the lease ---------------------------------------------------
+
+    async def step_started(self, run_id: str, owner: str, step: str) -> int:
+        now = utcnow()
+        async with self._transaction() as session:
+            await _fence(session, run_id, owner, now)
+            await session.execute(
+                update(StepProgress)
+                .where(StepProgress.run_id == run_id, StepProgress.step_name == step)
+                .values(
+                    status=StepStatus.RUNNING,
+                    attempts=StepProgress.attempts + 1,
+                    started_at=func.coalesce(StepProgress.started_at, now),
+                )
+                .execution_options(synchronize_session=False)
+            )
+            attempts = await session.scalar(
+                select(StepProgress.attempts).where(
+                    StepProgress.run_id == run_id, StepProgress.step_name == step
+                )
+            )
+            return int(attempts or 0)
+
+    async def attempt_failed(
+        self, run_id: str, owner: str, step: str, error: str, usage: TokenUsage
+    ) -> None:
+        async with self._transaction() as session:
+            await _fence(session, run_id, owner, utcnow())
+            await session.execute(_step_update(run_id, step, usage).values(error_message=error))
+
+    async def step_failed(self, run_id: str, owner: str, step: str, error: str) -> None:
+        async with self._transaction() as session:
+            await _fence(session, run_id, owner, utcnow())
+            await session.execute(
+                _step_update(run_id, step, TokenUsage()).values(
+                    status=StepStatus.FAILED, error_message=error
+                )
+            )
+
+    async def step_completed(
+        self, run_id: str, owner: str, step: str, output: BaseModel, usage: TokenUsage
+    ) -> None:
+        """Persist the step's output and mark it completed, atomically (the checkpoint)."""
+        now = utcnow()
+        async with self._transaction() as session:
+            await _fence(session, run_id, owner, now)
+            await session.execute(
+                _step_update(run_id, step, usage).values(
+                    status=StepStatus.COMPLETED, completed_at=now, error_message=None
+                )
+            )
+            if step == EXPAND_STEP:
+                await session.execute(
+                    update(Run)
+                    .where(Run.id == run_id)
+                    .values(proposal=output.model_dump(mode="json"))
+                    .execution_options(synchronize_session=False)
+                )
+            elif step in _PERSONA_BY_STEP:
+                persona = _PERSONA_BY_STEP[step]
+                assert isinstance(output, PersonaReview)
+                session.add(
+                    PersonaReviewRow(
+                        run_id=run_id,
+                        persona_id=persona.persona_id,
+                        persona_name=persona.name,
+                        weight=persona.weight,
+                        confidence_score=output.confidence_score,
+                        review=output.model_dump(mode="json"),
+                        created_at=now,
+                    )
+                )
+            elif step == AGGREGATE_STEP:
+                assert isinstance(output, Decision)
+                await session.execute(
+                    update(Run)
+                    .where(Run.id == run_id)
+                    .values(
+                        decision=output.model_dump(mode="json"),
+                        decision_label=output.decision,
+                        overall_weighted_confidence=output.overall_weighted_confidence,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+
+    async def complete(self, run_id: str, owner: str) -> None:
+        """Mark the run completed and drop the lease (its decision is already stored)."""
+        now = utcnow()
+        async with self._transaction() as session:
+            await _fence(session, run_id, owner, now)
+            await session.execute(
+                update(Run)
+                .where(Run.id == run_id)
+                .values(
+                    status=RunStatus.COMPLETED,
+                    completed_at=now,
+                    error_message=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+
+    async def fail(self, run_id: str, owner: str, error: str) -> bool:
+        """Mark the run failed for good; False if the lease was no longer ours."""
+        now = utcnow()
+        async with self._transaction() as session:
+            result = await session.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.lease_owner == owner)
+                .values(
+                    status=RunStatus.FAILED,
+                    error_message=error,
+                    completed_at=now,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            return _rowcount(result) == 1
+
+    # --- quarantine ----------------------------------------------------------------------
+
+    async def quarantine(
+        self,
+        reason: str,
+        raw_body: bytes,
+        headers: dict[str, str],
+        message_id: str | None,
+        subscription: str | None,
+    ) -> int:
+        async with self._transaction() as session:
+            row = QuarantinedMessage(
+                received_at=utcnow(),
+                reason=reason,
+                raw_body=raw_body,
+                headers=headers,
+                message_id=message_id,
+                subscription=subscription,
+            )
+            session.add(row)
+            await session.flush()
+            return row.id
+
+    async def list_quarantined(self, limit: int, offset: int) -> Sequence[QuarantinedMessage]:
+        async with self._transaction() as session:
+            result = await session.execute(
+                select(QuarantinedMessage)
+                .order_by(QuarantinedMessage.id.desc())
+                .limit(limit)
+                .offset(offset)
+            )
+            return result.scalars().all()
+
+    async def delete_all(self) -> None:
+        """Empty every table (tests and local resets only)."""
+        async with self._transaction() as session:
+            for table in (QuarantinedMessage, PersonaReviewRow, StepProgress, Run):
+                await session.execute(delete(table))
+
+
+def _add_run(
+    session: AsyncSession,
+    idea: str,
+    extra_context: str | dict[str, Any] | None,
+    source_key: str | None,
+) -> Run:
+    now = utcnow()
+    run = Run(
+        id=str(uuid.uuid4()),
+        run_type=RUN_TYPE,
+        priority=DEFAULT_PRIORITY,
+        status=RunStatus.QUEUED,
+        input_idea=idea,
+        extra_context=extra_context,
+        source_key=source_key,
+        delivery_count=0,
+        created_at=now,
+        updated_at=now,
+        queued_at=now,
+        steps=[
+            StepProgress(
+                step_name=name,
+                step_order=order,
+                status=StepStatus.PENDING,
+                attempts=0,
+                input_tokens=0,
+                output_tokens=0,
+                total_tokens=0,
+            )
+            for order, name in enumerate(STEP_NAMES, start=1)
+        ],
+        reviews=[],
+    )
+    session.add(run)
+    return run
+
+
+async def _fence(session: AsyncSession, run_id: str, owner: str, now: datetime) -> None:
+    """Touch the run only if `owner` still holds its lease; otherwise raise `LeaseLost`."""
+    result = await session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.lease_owner == owner, Run.status == RunStatus.RUNNING)
+        .values(updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if _rowcount(result) != 1:
+        raise LeaseLost(f"run {run_id} is no longer leased by {owner}")
+
+
+def _step_update(run_id: str, step: str, usage: TokenUsage) -> Any:
+    return (
+        update(StepProgress)
+        .where(StepProgress.run_id == run_id, StepProgress.step_name == step)
+        .values(
+            input_tokens=StepProgress.input_tokens + usage.input_tokens,
+            output_tokens=StepProgress.output_tokens + usage.output_tokens,
+            total_tokens=StepProgress.total_tokens + usage.total_tokens,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _rowcount(result: Any) -> int:
+    return int(getattr(result, "rowcount", 0))
