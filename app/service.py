@@ -231,7 +231,7 @@ class PushReceiver:
         try:
             message = decode_push(body, headers)
         except MalformedPush as exc:
-            return await self._reject(str(exc), body, headers, None, None)
+            return await self._reject(str(exc), body, headers, exc.message_id, exc.subscription)
         try:
             job = parse_job(message)
         except MalformedPush as exc:

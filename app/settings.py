@@ -97,6 +97,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
+        if self.env == "production":
+            self._check_production()
         if self.effective_llm_provider == "openai" and self.openai_api_key is None:
             raise ValueError("LLM_PROVIDER=openai needs OPENAI_API_KEY")
         if self.use_cloud_sql_connector and not self.db_instance_connection_name:
@@ -108,13 +110,13 @@ class Settings(BaseSettings):
             )
         if self.effective_push_auth == "oidc" and not self.push_audience:
             raise ValueError("PUSH_AUTH=oidc needs PUSH_AUDIENCE")
-        if self.env == "production":
-            self._check_production()
         return self
 
     def _check_production(self) -> None:
         if self.effective_llm_provider == "offline":
             raise ValueError("ENV=production refuses LLM_PROVIDER=offline")
+        if self.openai_api_key is None:
+            raise ValueError("ENV=production needs OPENAI_API_KEY")
         if self.effective_push_auth == "none":
             raise ValueError("ENV=production refuses PUSH_AUTH=none")
         if not self.push_service_accounts:
@@ -126,7 +128,9 @@ class Settings(BaseSettings):
     def effective_llm_provider(self) -> Literal["openai", "offline"]:
         if self.llm_provider is not None:
             return self.llm_provider
-        return "openai" if self.openai_api_key is not None else "offline"
+        if self.openai_api_key is not None or self.env == "production":
+            return "openai"
+        return "offline"
 
     @property
     def effective_push_auth(self) -> Literal["oidc", "cloud-run-iam", "none"]:
@@ -179,9 +183,9 @@ def describe_error(error: ValidationError) -> str:
     """One line naming each invalid variable, for the start-up failure message."""
     parts = []
     for item in error.errors():
-        name = "_".join(str(p) for p in item["loc"]).upper() or "configuration"
+        name = "_".join(str(p) for p in item["loc"]).upper()
         message = str(item["msg"]).removeprefix("Value error, ")
-        parts.append(f"{name}: {message}")
+        parts.append(f"{name}: {message}" if name else message)
     return "invalid configuration: " + "; ".join(parts)
 
 

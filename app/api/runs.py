@@ -20,9 +20,11 @@ from app.api.schemas import (
     Usage,
 )
 from app.domain.models import TokenUsage
+from app.domain.personas import PERSONAS
 from app.store.tables import Run
 
 router = APIRouter(prefix="/v1", tags=["runs"])
+_PERSONA_ORDER = {p.persona_id: index for index, p in enumerate(PERSONAS)}
 
 
 @router.post("/full-review", status_code=202, response_model=FullReviewAccepted)
@@ -54,7 +56,9 @@ async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
         **_summary(run).model_dump(),
         extra_context=run.extra_context,
         proposal=run.proposal,
-        persona_reviews=[row.review for row in run.reviews],
+        persona_reviews=[
+            row.review for row in sorted(run.reviews, key=lambda r: _PERSONA_ORDER[r.persona_id])
+        ],
         decision=run.decision,
         step_progress=[
             StepProgressOut(

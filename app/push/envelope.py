@@ -16,6 +16,13 @@ from app.domain.ideas import validate_extra_context, validate_idea
 class MalformedPush(ValueError):
     """The request or its data cannot become a job; it is quarantined and acknowledged."""
 
+    def __init__(
+        self, reason: str, message_id: str | None = None, subscription: str | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.message_id = message_id
+        self.subscription = subscription
+
 
 @dataclass(frozen=True)
 class PushMessage:
@@ -67,6 +74,9 @@ def _wrapped(envelope: dict[str, Any]) -> PushMessage:
     message_id = message.get("messageId", message.get("message_id"))
     if not isinstance(message_id, str) or not message_id:
         raise MalformedPush("envelope message has no messageId")
+    subscription = envelope.get("subscription")
+    if not isinstance(subscription, str):
+        subscription = None
     raw_data = message.get("data")
     if raw_data is None or raw_data == "":
         data = b""
@@ -74,22 +84,25 @@ def _wrapped(envelope: dict[str, Any]) -> PushMessage:
         try:
             data = base64.b64decode(raw_data, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise MalformedPush("message data is not valid base64") from exc
+            raise MalformedPush(
+                "message data is not valid base64", message_id, subscription
+            ) from exc
     else:
-        raise MalformedPush("message data is not a base64 string")
+        raise MalformedPush("message data is not a base64 string", message_id, subscription)
     attributes = message.get("attributes") or {}
     if not isinstance(attributes, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
     ):
-        raise MalformedPush("message attributes must map strings to strings")
-    subscription = envelope.get("subscription")
+        raise MalformedPush(
+            "message attributes must map strings to strings", message_id, subscription
+        )
     attempt = envelope.get("deliveryAttempt")
     publish_time = message.get("publishTime", message.get("publish_time"))
     ordering_key = message.get("orderingKey", message.get("ordering_key"))
     return PushMessage(
         data=data,
         message_id=message_id,
-        subscription=subscription if isinstance(subscription, str) else None,
+        subscription=subscription,
         attributes=attributes,
         publish_time=publish_time if isinstance(publish_time, str) else None,
         ordering_key=ordering_key if isinstance(ordering_key, str) else None,

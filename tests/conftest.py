@@ -1,0 +1,114 @@
+"""Shared fixtures: a fresh PostgreSQL database per session, the fake OpenAI server, the app."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import httpx2
+import pytest
+from alembic import command
+from fastapi import FastAPI
+
+from app.api.deps import Services
+from app.main import create_app
+from app.settings import Settings
+from app.store.db import alembic_config
+from tests.fakes.openai_server import FakeOpenAI
+
+PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+async def _admin(sql: str) -> None:
+    connection = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session, dropped afterwards."""
+    name = f"ce_test_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    url = f"{base}/{name}"
+    command.upgrade(alembic_config(url), "head")
+    try:
+        yield url
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def fake_openai() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def llm(fake_openai: FakeOpenAI) -> FakeOpenAI:
+    """The fake OpenAI server, reset for this test."""
+    fake_openai.reset()
+    return fake_openai
+
+
+@pytest.fixture
+def make_settings(pg_url: str, fake_openai: FakeOpenAI) -> Callable[..., Settings]:
+    """Settings for PostgreSQL and the fake LLM, with fast retries; override any field."""
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "env": "testing",
+            "database_url": pg_url,
+            "llm_provider": "openai",
+            "openai_api_key": "sk-test",
+            "openai_base_url": fake_openai.url,
+            "retry_initial_backoff_seconds": 0.01,
+            "retry_max_backoff_seconds": 1.0,
+            "push_auth": "none",
+            "log_level": "WARNING",
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)
+
+    return build
+
+
+@asynccontextmanager
+async def running_app(
+    settings: Settings, clean: bool = True
+) -> AsyncIterator[tuple[FastAPI, httpx2.AsyncClient]]:
+    """The app with its lifespan running (on emptied tables unless `clean` is False)."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        if clean:
+            await services_of(app).store.delete_all()
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(
+            transport=transport, base_url="http://testserver", timeout=60
+        ) as client:
+            yield app, client
+
+
+def services_of(app: FastAPI) -> Services:
+    services: Services = app.state.services
+    return services
+
+
+@pytest.fixture
+async def app_client(
+    make_settings: Callable[..., Settings], llm: FakeOpenAI
+) -> AsyncIterator[tuple[FastAPI, httpx2.AsyncClient]]:
+    """The app on a clean PostgreSQL database with the fake LLM."""
+    async with running_app(make_settings()) as (app, client):
+        yield app, client

@@ -1,0 +1,133 @@
+"""The /v1 API: validation, the error shape, request ids, listing, health and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import httpx2
+from fastapi import FastAPI
+
+from tests.conftest import running_app
+from tests.fakes.openai_server import FakeOpenAI
+
+AppClient = tuple[FastAPI, httpx2.AsyncClient]
+
+
+def sentences(n: int) -> str:
+    return " ".join(f"Sentence number {i} is here." for i in range(n))
+
+
+async def wait_for_status(
+    client: httpx2.AsyncClient, run_id: str, status: str, seconds: float = 20
+) -> dict[str, Any]:
+    for _ in range(int(seconds / 0.05)):
+        data: dict[str, Any] = (await client.get(f"/v1/runs/{run_id}")).json()
+        if data["status"] == status:
+            return data
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id} never reached {status}: {data['status']}")
+
+
+def assert_error_shape(response: httpx2.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()
+    assert set(body) == {"code", "message", "details", "request_id"}
+    assert body["code"] == code
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body
+
+
+async def test_ten_sentences_are_accepted_and_the_run_completes(
+    app_client: AppClient, llm: FakeOpenAI
+) -> None:
+    _, client = app_client
+    response = await client.post("/v1/full-review", json={"idea": sentences(10)})
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "queued"
+    assert body["run_type"] == "full_review"
+    assert body["priority"] == "normal"
+    assert {"created_at", "queued_at", "message", "run_id"} <= set(body)
+    run = await wait_for_status(client, body["run_id"], "completed")
+    assert run["decision_label"] == "approve"
+
+
+async def test_eleven_sentences_are_rejected(app_client: AppClient) -> None:
+    _, client = app_client
+    response = await client.post("/v1/full-review", json={"idea": sentences(11)})
+    body = assert_error_shape(response, 422, "validation_error")
+    assert "sentences" in str(body["details"])
+
+
+async def test_idea_length_limits(app_client: AppClient) -> None:
+    _, client = app_client
+    too_long = await client.post("/v1/full-review", json={"idea": "a" * 10_001})
+    assert_error_shape(too_long, 422, "validation_error")
+    empty = await client.post("/v1/full-review", json={"idea": "   "})
+    assert_error_shape(empty, 422, "validation_error")
+    big_context = await client.post(
+        "/v1/full-review", json={"idea": "An idea.", "extra_context": {"k": "v" * 50_001}}
+    )
+    assert_error_shape(big_context, 422, "validation_error")
+    at_limit = await client.post("/v1/full-review", json={"idea": "a" * 10_000})
+    assert at_limit.status_code == 202
+
+
+async def test_unknown_run_is_404_with_the_error_shape(app_client: AppClient) -> None:
+    _, client = app_client
+    response = await client.get(f"/v1/runs/{uuid.uuid4()}")
+    assert_error_shape(response, 404, "not_found")
+
+
+async def test_request_id_is_echoed_or_generated(app_client: AppClient) -> None:
+    _, client = app_client
+    echoed = await client.get("/health", headers={"x-request-id": "abc-123"})
+    assert echoed.headers["x-request-id"] == "abc-123"
+    generated = await client.get("/health")
+    assert len(generated.headers["x-request-id"]) == 32
+
+
+async def test_list_runs_newest_first_with_filters(app_client: AppClient, llm: FakeOpenAI) -> None:
+    _, client = app_client
+    ids = []
+    for i in range(3):
+        response = await client.post("/v1/full-review", json={"idea": f"Idea number {i}."})
+        ids.append(response.json()["run_id"])
+    for run_id in ids:
+        await wait_for_status(client, run_id, "completed")
+
+    page = (await client.get("/v1/runs", params={"limit": 2})).json()
+    assert page["total"] == 3 and page["limit"] == 2 and page["offset"] == 0
+    assert [r["run_id"] for r in page["runs"]] == [ids[2], ids[1]]
+    rest = (await client.get("/v1/runs", params={"limit": 2, "offset": 2})).json()
+    assert [r["run_id"] for r in rest["runs"]] == [ids[0]]
+    approved = (await client.get("/v1/runs", params={"decision": "approve"})).json()
+    assert approved["total"] == 3
+    failed = (await client.get("/v1/runs", params={"status": "failed"})).json()
+    assert failed["total"] == 0
+    bad = await client.get("/v1/runs", params={"status": "sleeping"})
+    assert_error_shape(bad, 422, "validation_error")
+
+
+async def test_health_and_ready(app_client: AppClient) -> None:
+    _, client = app_client
+    health = await client.get("/health")
+    assert health.json() == {"status": "ok"}
+    ready = await client.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
+
+
+async def test_ready_is_503_and_work_refused_when_schema_is_behind(
+    make_settings: Any, tmp_path: Any
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/empty.db"
+    settings = make_settings(database_url=url, db_auto_migrate=False)
+    async with running_app(settings, clean=False) as (_, client):
+        ready = await client.get("/ready")
+        assert_error_shape(ready, 503, "schema_behind")
+        submit = await client.post("/v1/full-review", json={"idea": "An idea."})
+        assert_error_shape(submit, 503, "schema_behind")
+        assert (await client.get("/health")).status_code == 200

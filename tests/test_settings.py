@@ -1,0 +1,97 @@
+"""Settings: defaults, derived values, and start-up refusal with one clear line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from app.settings import Settings, describe_error
+
+
+def settings(**values: Any) -> Settings:
+    return Settings(_env_file=None, **values)
+
+
+def test_embedded_defaults() -> None:
+    s = settings()
+    assert s.effective_llm_provider == "offline"
+    assert s.is_sqlite and s.auto_migrate
+    assert s.effective_push_auth == "none"
+    assert s.worker_ack_deadline_seconds == 600
+    assert s.effective_push_deadline_seconds == 570
+    assert (s.max_retries_per_persona, s.retry_initial_backoff_seconds) == (3, 1.0)
+
+
+def test_plain_postgres_url_is_mapped_to_asyncpg() -> None:
+    s = settings(database_url="postgres://u:p@db:5432/x")
+    assert s.sqlalchemy_url == "postgresql+asyncpg://u:p@db:5432/x"
+    assert not s.auto_migrate
+
+
+def test_db_fields_build_a_url() -> None:
+    s = settings(db_host="10.0.0.5", db_user="app", db_password="p@ss", db_name="ce")
+    assert s.sqlalchemy_url == "postgresql+asyncpg://app:p%40ss@10.0.0.5:5432/ce"
+
+
+def test_service_accounts_are_comma_separated() -> None:
+    s = settings(push_service_accounts="a@x.iam.gserviceaccount.com, b@x.iam.gserviceaccount.com")
+    assert s.push_service_accounts == [
+        "a@x.iam.gserviceaccount.com",
+        "b@x.iam.gserviceaccount.com",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"env": "production", "openai_api_key": "k", "push_audience": "a"}, "PUSH_SERVICE"),
+        ({"env": "production", "push_audience": "a", "push_service_accounts": "x"}, "OPENAI"),
+        ({"env": "production", "llm_provider": "offline"}, "offline"),
+        (
+            {
+                "env": "production",
+                "openai_api_key": "k",
+                "push_auth": "none",
+                "push_service_accounts": "x",
+            },
+            "PUSH_AUTH=none",
+        ),
+        (
+            {
+                "env": "production",
+                "openai_api_key": "k",
+                "push_audience": "a",
+                "push_service_accounts": "x",
+            },
+            "SQLite",
+        ),
+        ({"push_deadline_seconds": 600}, "PUSH_DEADLINE_SECONDS"),
+        ({"push_auth": "oidc"}, "PUSH_AUDIENCE"),
+        ({"database_url": "mysql://x"}, "DATABASE_URL"),
+    ],
+)
+def test_invalid_combinations_are_refused(values: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        settings(**values)
+    assert needle in describe_error(info.value)
+
+
+def test_invalid_value_stops_startup_with_one_line_naming_the_variable() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "DATABASE"))}
+    env["WORKER_STEP_TIMEOUT_SECONDS"] = "soon"
+    result = subprocess.run(
+        [sys.executable, "-c", "import app.main as m; m.app"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "WORKER_STEP_TIMEOUT_SECONDS" in lines[0]
