@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import socket
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
@@ -81,6 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
                 services.head_revision,
             )
         app.state.services = services
+        restore_signals = _on_shutdown_signal(runner.begin_shutdown)
         logger.info(
             "service started (llm={}, database={}, push_auth={})",
             settings.effective_llm_provider,
@@ -91,6 +96,8 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            restore_signals()
+            runner.begin_shutdown()
             await publisher.aclose()
             if isinstance(llm, OpenAIProvider):
                 await llm.aclose()
@@ -138,6 +145,37 @@ def _build_llm(settings: Settings) -> LLM:
         settings.worker_step_timeout_seconds,
     )
     return OpenAIProvider(client, settings.llm_max_concurrency)
+
+
+def _on_shutdown_signal(callback: Callable[[], None]) -> Callable[[], None]:
+    """Run `callback` on SIGTERM/SIGINT before the server's own handler (uvicorn's graceful exit).
+
+    The server stops accepting connections and waits for requests in flight; the callback makes
+    those requests release their runs and answer 503 at once instead of running to completion.
+    Returns a function that puts the previous handlers back.
+    """
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signals can only be handled in the main thread
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(callback)
+        chained = previous[signum]
+        if callable(chained):
+            chained(signum, frame)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        current = signal.getsignal(sig)
+        if callable(current):  # only chain onto a server's handler, never replace the default
+            previous[sig] = current
+            signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, chained in previous.items():
+            signal.signal(sig, chained)
+
+    return restore
 
 
 class RequestContextMiddleware:

@@ -83,22 +83,47 @@ class Runner:
         self._config = config
         self._limits = limits
         self._instance_id = instance_id
-        self._active = 0
+        self._running: set[asyncio.Task[object]] = set()
+        self._draining = False
+
+    def begin_shutdown(self) -> None:
+        """Stop claiming; cancel in-flight pipelines, which keep checkpoints and release leases."""
+        if self._draining:
+            return
+        self._draining = True
+        logger.warning("shutting down: releasing {} run(s) in flight", len(self._running))
+        for task in self._running:
+            task.cancel()
 
     async def execute(self, run_id: str, delivery_attempt: int | None) -> Outcome | None:
         """One delivery of `run_id`; None when no such run exists."""
-        if self._active >= self._limits.max_concurrent_runs:
+        if self._draining:
+            return Outcome.SHUTTING_DOWN
+        if len(self._running) >= self._limits.max_concurrent_runs:
             logger.warning("at WORKER_MAX_CONCURRENCY; asking Pub/Sub to redeliver", run_id=run_id)
             return Outcome.OVERLOADED
-        self._active += 1
+        task = asyncio.current_task()
+        assert task is not None
+        owner = f"{self._instance_id}/{uuid.uuid4().hex[:12]}"
+        self._running.add(task)
         try:
             with logger.contextualize(run_id=run_id):
-                return await self._execute(run_id, delivery_attempt)
+                try:
+                    return await self._execute(run_id, owner, delivery_attempt)
+                except asyncio.CancelledError:
+                    if not self._draining:
+                        raise
+                    # Cancelled by begin_shutdown: answer 503 instead of dying mid-request.
+                    task.uncancel()
+                    await self._store.release(run_id, owner, "instance shut down; checkpoint kept")
+                    logger.warning("released run on shutdown", lifecycle_event="job_released")
+                    return Outcome.SHUTTING_DOWN
         finally:
-            self._active -= 1
+            self._running.discard(task)
 
-    async def _execute(self, run_id: str, delivery_attempt: int | None) -> Outcome | None:
-        owner = f"{self._instance_id}/{uuid.uuid4().hex[:12]}"
+    async def _execute(
+        self, run_id: str, owner: str, delivery_attempt: int | None
+    ) -> Outcome | None:
         claim = await self._store.claim(run_id, owner, self._limits.lease_seconds, delivery_attempt)
         if claim.outcome is ClaimOutcome.NOT_FOUND:
             return None

@@ -79,6 +79,7 @@ async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
         ],
         usage=Usage(**usage.__dict__),
         delivery_count=run.delivery_count,
+        last_delivery_attempt=run.last_delivery_attempt,
         lease_owner=run.lease_owner,
         lease_expires_at=run.lease_expires_at,
     )

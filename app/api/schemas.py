@@ -76,6 +76,7 @@ class RunDetail(RunSummary):
     step_progress: list[StepProgressOut]
     usage: Usage
     delivery_count: int
+    last_delivery_attempt: int | None
     lease_owner: str | None
     lease_expires_at: datetime | None
 

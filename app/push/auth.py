@@ -1,0 +1,350 @@
+"""Authentication of Pub/Sub push deliveries (SPEC §3.3).
+
+`build_authenticator` picks the mode from `PUSH_AUTH`:
+
+- `oidc`: the app verifies Google's signed OIDC token itself, with certificates cached in memory;
+- `cloud-run-iam`: Cloud Run verified the token already, the app only pins the service account;
+- `none`: development only, everything is accepted.
+
+No token, header value or raw google-auth error text ever reaches a log line or an error
+message: several google-auth messages quote the token they failed to parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import requests
+from google.auth import crypt, jwt
+from google.auth import exceptions as google_exceptions
+from google.auth.transport.requests import Request
+from loguru import logger
+
+from app.settings import Settings
+
+GOOGLE_ISSUERS = frozenset({"accounts.google.com", "https://accounts.google.com"})
+CLOCK_SKEW_SECONDS = 10
+DEFAULT_CERTS_MAX_AGE_SECONDS = 300.0
+# A hostile or broken Cache-Control must not pin a set of keys for longer than this.
+MAX_CERTS_MAX_AGE_SECONDS = 24 * 3600.0
+# An unknown key id may mean Google rotated its keys; refetching at most this often keeps a
+# stream of made-up key ids from turning every request into a certificate fetch.
+MIN_REFETCH_INTERVAL_SECONDS = 60.0
+CERTS_FETCH_TIMEOUT_SECONDS = 10.0
+# Google's ID tokens are about 1 KB; anything far larger is not worth decoding.
+MAX_TOKEN_CHARS = 8192
+
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
+
+AuthCode = Literal["unauthorized", "forbidden", "auth_unavailable"]
+_CODES: dict[int, AuthCode] = {401: "unauthorized", 403: "forbidden", 503: "auth_unavailable"}
+
+
+class PushAuthError(Exception):
+    """A delivery failed authentication; `status` and `message` are safe to send back."""
+
+    def __init__(self, status: Literal[401, 403, 503], message: str) -> None:
+        super().__init__(message)
+        self.status: int = status
+        self.code: AuthCode = _CODES[status]
+        self.message = message
+
+
+def _unauthorized(message: str = "invalid bearer token") -> PushAuthError:
+    return PushAuthError(401, message)
+
+
+class PushAuthenticator(Protocol):
+    """Checks the `Authorization` header of one push delivery."""
+
+    async def verify(self, authorization: str | None) -> str | None:
+        """Return the verified caller email (None when auth is off) or raise PushAuthError."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release whatever the authenticator holds (HTTP session, in-flight fetch)."""
+        ...
+
+
+def build_authenticator(settings: Settings) -> PushAuthenticator:
+    """The authenticator for `settings.effective_push_auth`."""
+    mode = settings.effective_push_auth
+    if mode == "oidc":
+        if not settings.push_audience:
+            raise ValueError("PUSH_AUTH=oidc needs PUSH_AUDIENCE")
+        return OidcAuthenticator(
+            audience=settings.push_audience,
+            service_accounts=settings.push_service_accounts,
+            certs_url=settings.push_oidc_certs_url,
+        )
+    if mode == "cloud-run-iam":
+        return CloudRunIamAuthenticator(service_accounts=settings.push_service_accounts)
+    return NoAuthenticator()
+
+
+class NoAuthenticator:
+    """`PUSH_AUTH=none`: accepts every delivery (settings refuse it in production)."""
+
+    async def verify(self, authorization: str | None) -> str | None:
+        """Accept without looking at the header."""
+        return None
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
+class CloudRunIamAuthenticator:
+    """`PUSH_AUTH=cloud-run-iam`: pins the caller's email from the already-verified token."""
+
+    def __init__(self, service_accounts: Iterable[str]) -> None:
+        self._allowed = _normalise_accounts(service_accounts)
+
+    async def verify(self, authorization: str | None) -> str | None:
+        """Return the token's email if it is on the allow-list (empty list: any email)."""
+        token = _bearer_token(authorization)
+        try:
+            # Cloud Run's invoker check verified the token and replaced its signature, so
+            # there is nothing left to verify here; only the claims are read.
+            claims = jwt.decode(token, verify=False)  # type: ignore[no-untyped-call]
+        except (google_exceptions.GoogleAuthError, ValueError, TypeError):
+            logger.warning("push auth rejected: undecodable token")
+            raise _unauthorized() from None
+        return _pin_email(claims, self._allowed)
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
+@dataclass(frozen=True)
+class _CertCache:
+    certs: Mapping[str, str]
+    expires_at: float  # on the authenticator's monotonic clock
+
+
+class OidcAuthenticator:
+    """`PUSH_AUTH=oidc`: verifies Google-signed OIDC tokens against cached certificates.
+
+    Certificates come from `certs_url` (`{key id: PEM certificate}`) and are kept until the
+    response's `Cache-Control: max-age` runs out. Callers that need certificates while a fetch
+    is running await that same fetch instead of starting their own, and all blocking work
+    (HTTP fetch, signature check) runs in a worker thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        audience: str,
+        service_accounts: Iterable[str],
+        certs_url: str,
+        clock: Callable[[], float] = time.monotonic,
+        fetch_timeout: float = CERTS_FETCH_TIMEOUT_SECONDS,
+        min_refetch_interval: float = MIN_REFETCH_INTERVAL_SECONDS,
+        default_max_age: float = DEFAULT_CERTS_MAX_AGE_SECONDS,
+    ) -> None:
+        self._audience = audience
+        self._allowed = _normalise_accounts(service_accounts)
+        self._certs_url = certs_url
+        self._clock = clock
+        self._fetch_timeout = fetch_timeout
+        self._min_refetch_interval = min_refetch_interval
+        self._default_max_age = default_max_age
+        self._session = requests.Session()
+        self._request = Request(session=self._session)
+        self._cache: _CertCache | None = None
+        self._last_fetch_started: float | None = None
+        self._inflight: asyncio.Task[_CertCache] | None = None
+
+    async def verify(self, authorization: str | None) -> str | None:
+        """Return the verified service-account email or raise PushAuthError."""
+        token = _bearer_token(authorization)
+        key_id = _signing_key_id(token)
+        pem = await self._certificate(key_id)
+        try:
+            claims = await asyncio.to_thread(
+                jwt.decode,
+                token,
+                certs={key_id: pem},
+                audience=self._audience,
+                clock_skew_in_seconds=CLOCK_SKEW_SECONDS,
+            )
+        except google_exceptions.InvalidValue as error:
+            # InvalidValue covers time and audience checks, whose text holds no token part.
+            logger.warning("push auth rejected: {}", str(error)[:200])
+            raise _unauthorized() from None
+        except (google_exceptions.GoogleAuthError, ValueError, TypeError):
+            logger.warning("push auth rejected: malformed token or bad signature")
+            raise _unauthorized() from None
+        _check_google_claims(claims)
+        return _pin_email(claims, self._allowed)
+
+    async def aclose(self) -> None:
+        """Abandon any in-flight certificate fetch and close the HTTP session."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None and not inflight.done():
+            inflight.cancel()
+            with contextlib.suppress(asyncio.CancelledError, PushAuthError):
+                await inflight
+        self._session.close()
+
+    async def _certificate(self, key_id: str) -> str:
+        cache = await self._fresh_certs()
+        pem = cache.certs.get(key_id)
+        if pem is not None:
+            return pem
+        # Joining a fetch already under way costs nothing; starting one is rate-limited.
+        fetching = self._inflight is not None and not self._inflight.done()
+        last = self._last_fetch_started
+        if fetching or last is None or self._clock() - last >= self._min_refetch_interval:
+            cache = await self._refresh()
+            pem = cache.certs.get(key_id)
+            if pem is not None:
+                return pem
+        logger.warning("push auth rejected: unknown signing key id")
+        raise _unauthorized()
+
+    async def _fresh_certs(self) -> _CertCache:
+        cache = self._cache
+        if cache is not None and self._clock() < cache.expires_at:
+            return cache
+        return await self._refresh()
+
+    async def _refresh(self) -> _CertCache:
+        if self._inflight is None or self._inflight.done():
+            started = self._clock()
+            self._last_fetch_started = started
+            self._inflight = asyncio.create_task(self._fetch_and_store(started))
+        # Shielded so one caller giving up (client disconnect, timeout) does not cancel the
+        # fetch the other callers are waiting on.
+        return await asyncio.shield(self._inflight)
+
+    async def _fetch_and_store(self, started: float) -> _CertCache:
+        certs, max_age = await asyncio.to_thread(self._fetch_certs)
+        cache = _CertCache(certs=certs, expires_at=started + max_age)
+        self._cache = cache
+        logger.info("push auth: fetched {} signing certificates for {:.0f} s", len(certs), max_age)
+        return cache
+
+    def _fetch_certs(self) -> tuple[dict[str, str], float]:
+        """Blocking: GET the certificates and read how long they may be cached."""
+        try:
+            response = self._request(self._certs_url, method="GET", timeout=self._fetch_timeout)
+        except (google_exceptions.GoogleAuthError, requests.RequestException, OSError) as error:
+            logger.error("push auth: certificates endpoint unreachable ({})", type(error).__name__)
+            raise _unavailable() from None
+        if response.status != 200:
+            logger.error("push auth: certificates endpoint answered {}", response.status)
+            raise _unavailable()
+        certs = _parse_certs(response.data)
+        if certs is None:
+            logger.error("push auth: certificates endpoint answered an unusable document")
+            raise _unavailable()
+        return certs, _max_age(response.headers, self._default_max_age)
+
+
+def _unavailable() -> PushAuthError:
+    return PushAuthError(503, "push authentication temporarily unavailable")
+
+
+def _parse_certs(body: bytes) -> dict[str, str] | None:
+    """`{key id: PEM certificate}` keeping only loadable RSA certificates; None if none are."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    certs: dict[str, str] = {}
+    for key_id, pem in document.items():
+        try:
+            if not isinstance(pem, str):
+                raise TypeError("certificate is not a string")
+            # Loaded once here so that a broken entry is dropped up front instead of failing
+            # every verification that names it.
+            crypt.RSAVerifier.from_string(pem)  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError):
+            logger.warning("push auth: ignoring unusable certificate for key id {!r}", key_id[:64])
+            continue
+        certs[key_id] = pem
+    return certs or None
+
+
+def _max_age(headers: Mapping[str, str], default: float) -> float:
+    """Seconds the response may be cached: `max-age` minus `Age`, else `default`."""
+    match = _MAX_AGE.search(headers.get("Cache-Control", ""))
+    if match is None:
+        return default
+    max_age = float(match.group(1))
+    age = headers.get("Age", "")
+    if age.strip().isdigit():
+        max_age -= float(age)
+    return min(max(max_age, 0.0), MAX_CERTS_MAX_AGE_SECONDS)
+
+
+def _bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        logger.warning("push auth rejected: no Authorization header")
+        raise _unauthorized("missing bearer token")
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        logger.warning("push auth rejected: Authorization header is not a bearer token")
+        raise _unauthorized("missing bearer token")
+    if len(token) > MAX_TOKEN_CHARS:
+        logger.warning("push auth rejected: token too long")
+        raise _unauthorized()
+    return token
+
+
+def _signing_key_id(token: str) -> str:
+    """The token's key id, after insisting on RS256 (google-auth would also take ES256)."""
+    try:
+        header = jwt.decode_header(token)  # type: ignore[no-untyped-call]
+    except (google_exceptions.GoogleAuthError, ValueError, TypeError):
+        logger.warning("push auth rejected: undecodable token header")
+        raise _unauthorized() from None
+    if header.get("alg") != "RS256":
+        logger.warning("push auth rejected: signing algorithm is not RS256")
+        raise _unauthorized()
+    key_id = header.get("kid")
+    if not isinstance(key_id, str) or not key_id:
+        logger.warning("push auth rejected: token has no key id")
+        raise _unauthorized()
+    return key_id
+
+
+def _check_google_claims(claims: Mapping[str, Any]) -> None:
+    if claims.get("iss") not in GOOGLE_ISSUERS:
+        logger.warning("push auth rejected: issuer is not Google")
+        raise _unauthorized()
+    # google-auth checks `iat` only; honour `nbf` too should a token carry one.
+    not_before = claims.get("nbf")
+    if not_before is not None and (
+        not isinstance(not_before, int | float) or time.time() + CLOCK_SKEW_SECONDS < not_before
+    ):
+        logger.warning("push auth rejected: token not valid yet")
+        raise _unauthorized()
+    if not claims.get("email_verified"):
+        logger.warning("push auth rejected: email not verified")
+        raise _unauthorized()
+
+
+def _pin_email(claims: Mapping[str, Any], allowed: frozenset[str]) -> str:
+    email = claims.get("email")
+    if not isinstance(email, str) or not email:
+        logger.warning("push auth rejected: token has no email claim")
+        raise _unauthorized()
+    if allowed and email.lower() not in allowed:
+        logger.warning("push auth rejected: service account {} not allowed", email[:254])
+        raise PushAuthError(403, "service account not allowed to push")
+    return email
+
+
+def _normalise_accounts(accounts: Iterable[str]) -> frozenset[str]:
+    return frozenset(account.strip().lower() for account in accounts if account.strip())
