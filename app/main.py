@@ -27,7 +27,8 @@ from app.domain.retry import RetryPolicy
 from app.llm.offline import OfflineProvider
 from app.llm.openai_provider import OpenAIProvider, build_client
 from app.logs import configure_logging, trace_context
-from app.publish import InProcessPublisher
+from app.publish import InProcessPublisher, OutboxRelay, Publisher, PubSubPublisher
+from app.push.auth import build_authenticator
 from app.service import ExecutionLimits, PushReceiver, Runner
 from app.settings import Settings, get_settings
 from app.store.db import build_engine, current_revision, head_revision, upgrade_to_head
@@ -62,17 +63,25 @@ def create_app(settings: Settings) -> FastAPI:
             instance_id=f"{socket.gethostname()}:{os.getpid()}",
         )
         receiver = PushReceiver(store, runner)
-        publisher = InProcessPublisher(
-            receiver.handle,
-            max_attempts=settings.max_delivery_attempts,
-            initial_backoff=max(settings.retry_initial_backoff_seconds, 0.1),
-        )
+        publisher: Publisher
+        if settings.pubsub_project_id:
+            publisher = PubSubPublisher(
+                settings.pubsub_project_id, settings.pubsub_topic, settings.pubsub_emulator_host
+            )
+        else:
+            publisher = InProcessPublisher(
+                receiver.handle,
+                max_attempts=settings.max_delivery_attempts,
+                initial_backoff=max(settings.retry_initial_backoff_seconds, 0.1),
+            )
+        outbox = OutboxRelay(store, publisher, settings.outbox_relay_interval_seconds)
         services = Services(
             settings=settings,
             engine=engine,
             store=store,
             receiver=receiver,
-            publisher=publisher,
+            outbox=outbox,
+            authenticator=build_authenticator(settings),
             head_revision=head_revision(),
         )
         try:
@@ -84,6 +93,11 @@ def create_app(settings: Settings) -> FastAPI:
                 "database schema is behind {}: run `alembic upgrade head`; refusing work",
                 services.head_revision,
             )
+        elif isinstance(publisher, InProcessPublisher):
+            # No queue redelivers on the embedded default: pick up what a previous process left.
+            for run_id in await store.unfinished_run_ids(limit=1000):
+                await publisher.publish(run_id)
+        relay = asyncio.create_task(outbox.run_forever())
         app.state.services = services
         restore_signals = _on_shutdown_signal(runner.begin_shutdown)
         logger.info(
@@ -98,7 +112,10 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             restore_signals()
             runner.begin_shutdown()
+            relay.cancel()
+            await asyncio.gather(relay, return_exceptions=True)
             await publisher.aclose()
+            await services.authenticator.aclose()
             if isinstance(llm, OpenAIProvider):
                 await llm.aclose()
             await engine.dispose()

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     pubsub_topic: str = "consensus-engine-jobs"
     pubsub_subscription: str = "consensus-engine-jobs-sub"
     pubsub_emulator_host: str | None = None
+    outbox_relay_interval_seconds: float = Field(10.0, gt=0.0, le=3600.0)
 
     # Execution
     worker_max_concurrency: int = Field(10, ge=1, le=1000)
@@ -123,6 +124,8 @@ class Settings(BaseSettings):
             raise ValueError("ENV=production needs PUSH_SERVICE_ACCOUNTS")
         if self.is_sqlite:
             raise ValueError("ENV=production refuses SQLite; set DATABASE_URL, DB_* or Cloud SQL")
+        if not self.pubsub_project_id:
+            raise ValueError("ENV=production needs PUBSUB_PROJECT_ID to publish jobs")
 
     @property
     def effective_llm_provider(self) -> Literal["openai", "offline"]:

@@ -77,6 +77,8 @@ def make_settings(pg_url: str, fake_openai: FakeOpenAI) -> Callable[..., Setting
             "retry_max_backoff_seconds": 1.0,
             "push_auth": "none",
             "log_level": "WARNING",
+            # Tests deliver by hand; the relay only runs where a test asks for it.
+            "outbox_relay_interval_seconds": 3600,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)

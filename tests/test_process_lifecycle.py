@@ -44,6 +44,10 @@ def start_app(pg_url: str, llm: FakeOpenAI, tmp_path: Path) -> Iterator[Callable
         "OPENAI_API_KEY": "sk-test",
         "OPENAI_BASE_URL": llm.url,
         "PUSH_AUTH": "none",
+        # Pub/Sub mode (the tests deliver by hand): no in-process delivery competes with them.
+        "PUBSUB_PROJECT_ID": "test-project",
+        "PUBSUB_EMULATOR_HOST": "127.0.0.1:9",
+        "OUTBOX_RELAY_INTERVAL_SECONDS": "3600",
         "RUN_LEASE_SECONDS": "2",
         "RETRY_INITIAL_BACKOFF_SECONDS": "0.01",
         "LOG_LEVEL": "INFO",

@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.api.errors import ApiError
-from app.publish import Publisher
+from app.publish import OutboxRelay
+from app.push.auth import PushAuthenticator
 from app.service import PushReceiver
 from app.settings import Settings
 from app.store.runs import RunStore
@@ -21,7 +22,8 @@ class Services:
     engine: AsyncEngine
     store: RunStore
     receiver: PushReceiver
-    publisher: Publisher
+    outbox: OutboxRelay
+    authenticator: PushAuthenticator
     head_revision: str | None
     schema_current: bool = False
 

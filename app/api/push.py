@@ -7,6 +7,7 @@ from loguru import logger
 
 from app.api.deps import ReadyServicesDep
 from app.api.errors import error_response
+from app.push.auth import PushAuthError
 from app.push.policy import Outcome, status_for
 
 router = APIRouter(tags=["push"])
@@ -22,6 +23,13 @@ _MESSAGES = {
 @router.post("/pubsub/push", status_code=204, response_model=None)
 async def pubsub_push(request: Request, services: ReadyServicesDep) -> Response:
     """Receive one push delivery; 2xx acknowledges it, anything else makes Pub/Sub redeliver."""
+    try:
+        email = await services.authenticator.verify(request.headers.get("authorization"))
+    except PushAuthError as exc:
+        logger.warning("push delivery refused: {}", exc.message, status=exc.status)
+        return error_response(exc.status, exc.code, exc.message)
+    if email is not None:
+        logger.debug("push delivery from {}", email)
     limit = services.settings.push_max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:

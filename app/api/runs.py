@@ -34,7 +34,7 @@ async def submit_full_review(
     """Create a queued run and hand it to the queue (or the in-process delivery)."""
     run = await services.store.create_run(body.idea, body.extra_context)
     logger.info("run enqueued", run_id=run.id, lifecycle_event="enqueued")
-    await services.publisher.publish(run.id)
+    await services.outbox.publish(run.id)
     return FullReviewAccepted(
         run_id=run.id,
         status=run.status,

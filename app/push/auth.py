@@ -330,7 +330,7 @@ def _check_google_claims(claims: Mapping[str, Any]) -> None:
     ):
         logger.warning("push auth rejected: token not valid yet")
         raise _unauthorized()
-    if not claims.get("email_verified"):
+    if claims.get("email_verified") is not True:
         logger.warning("push auth rejected: email not verified")
         raise _unauthorized()
 

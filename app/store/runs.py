@@ -178,6 +178,43 @@ class RunStore:
                 for row in result.all()
             }
 
+    # --- the outbox ----------------------------------------------------------------------
+
+    async def mark_published(self, run_id: str) -> None:
+        async with self._transaction() as session:
+            await session.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.published_at.is_(None))
+                .values(published_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+
+    async def unpublished_run_ids(self, created_before: datetime, limit: int) -> list[str]:
+        """Queued runs whose job message was never accepted by the queue, oldest first."""
+        async with self._transaction() as session:
+            result = await session.execute(
+                select(Run.id)
+                .where(
+                    Run.status == RunStatus.QUEUED,
+                    Run.published_at.is_(None),
+                    Run.created_at < created_before,
+                )
+                .order_by(Run.created_at)
+                .limit(limit)
+            )
+            return list(result.scalars().all())
+
+    async def unfinished_run_ids(self, limit: int) -> list[str]:
+        """Runs not yet completed or failed, oldest first."""
+        async with self._transaction() as session:
+            result = await session.execute(
+                select(Run.id)
+                .where(Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]))
+                .order_by(Run.created_at)
+                .limit(limit)
+            )
+            return list(result.scalars().all())
+
     # --- claiming and leases -------------------------------------------------------------
 
     async def claim(

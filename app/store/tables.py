@@ -74,6 +74,8 @@ class Run(Base):
     queued_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The outbox: NULL until the job message is accepted by the queue; the relay retries it.
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     steps: Mapped[list[StepProgress]] = relationship(
         back_populates="run", order_by="StepProgress.step_order", cascade="all, delete-orphan"
@@ -86,6 +88,7 @@ class Run(Base):
         Index("ix_runs_status_created_at", "status", "created_at"),
         Index("ix_runs_created_at", "created_at"),
         Index("ix_runs_decision_label", "decision_label"),
+        Index("ix_runs_unpublished", "status", "published_at"),
     )
 
 
