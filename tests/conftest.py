@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -14,12 +15,15 @@ import httpx2
 import pytest
 from alembic import command
 from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.api.deps import Services
 from app.main import create_app
 from app.settings import Settings
 from app.store.db import alembic_config
+from app.store.runs import RunStore
 from tests.fakes.openai_server import FakeOpenAI
+from tests.procs import AppProcess
 
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -114,3 +118,52 @@ async def app_client(
     """The app on a clean PostgreSQL database with the fake LLM."""
     async with running_app(make_settings()) as (app, client):
         yield app, client
+
+
+@pytest.fixture
+async def store(pg_url: str) -> AsyncIterator[RunStore]:
+    """A run store on the emptied test database, for tests that drive app processes."""
+    engine = create_async_engine(pg_url)
+    store = RunStore(engine)
+    await store.delete_all()
+    try:
+        yield store
+    finally:
+        await engine.dispose()
+
+
+StartApp = Callable[..., AppProcess]
+
+
+@pytest.fixture
+def start_app(pg_url: str, llm: FakeOpenAI, tmp_path: Path) -> Iterator[StartApp]:
+    """Start `uvicorn app.main:app` processes (env overrides as keywords); all stopped after."""
+    started: list[AppProcess] = []
+    base = {
+        "ENV": "testing",
+        "DATABASE_URL": pg_url,
+        "LLM_PROVIDER": "openai",
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": llm.url,
+        "PUSH_AUTH": "none",
+        # Pub/Sub mode: nothing is delivered in-process behind the tests' backs. The emulator
+        # address is a closed port unless a test passes a running emulator's.
+        "PUBSUB_PROJECT_ID": "test-project",
+        "PUBSUB_EMULATOR_HOST": "127.0.0.1:9",
+        "OUTBOX_RELAY_INTERVAL_SECONDS": "3600",
+        "RUN_LEASE_SECONDS": "2",
+        "RETRY_INITIAL_BACKOFF_SECONDS": "0.01",
+        "LOG_LEVEL": "INFO",
+    }
+
+    def start(**env: str) -> AppProcess:
+        log = tmp_path / f"app-{len(started)}.log"
+        process = AppProcess({**base, **env}, log)
+        started.append(process)
+        return process.start()
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()

@@ -5,64 +5,20 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx2
 import pytest
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.push.envelope import encode_wrapped
 from app.store.runs import RunStore
 from app.store.tables import Run
+from tests.conftest import StartApp
 from tests.fakes.openai_server import USAGE, FakeOpenAI
 from tests.procs import AppProcess
 from tests.test_push_pipeline import SUBSCRIPTION
 
 SLOW_PERSONAS = ("optimist", "security_guardian", "user_advocate")
-
-
-@pytest.fixture
-async def store(pg_url: str) -> AsyncIterator[RunStore]:
-    engine = create_async_engine(pg_url)
-    store = RunStore(engine)
-    await store.delete_all()
-    try:
-        yield store
-    finally:
-        await engine.dispose()
-
-
-@pytest.fixture
-def start_app(pg_url: str, llm: FakeOpenAI, tmp_path: Path) -> Iterator[Callable[[], AppProcess]]:
-    """Start app processes on the test database and the fake LLM; all stopped at teardown."""
-    started: list[AppProcess] = []
-    env = {
-        "ENV": "testing",
-        "DATABASE_URL": pg_url,
-        "LLM_PROVIDER": "openai",
-        "OPENAI_API_KEY": "sk-test",
-        "OPENAI_BASE_URL": llm.url,
-        "PUSH_AUTH": "none",
-        # Pub/Sub mode (the tests deliver by hand): no in-process delivery competes with them.
-        "PUBSUB_PROJECT_ID": "test-project",
-        "PUBSUB_EMULATOR_HOST": "127.0.0.1:9",
-        "OUTBOX_RELAY_INTERVAL_SECONDS": "3600",
-        "RUN_LEASE_SECONDS": "2",
-        "RETRY_INITIAL_BACKOFF_SECONDS": "0.01",
-        "LOG_LEVEL": "INFO",
-    }
-
-    def start() -> AppProcess:
-        process = AppProcess(env, tmp_path / f"app-{len(started)}.log").start()
-        started.append(process)
-        return process
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.stop()
 
 
 async def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
@@ -112,7 +68,7 @@ async def redeliver_until_acknowledged(url: str, body: bytes, seconds: float) ->
 
 
 async def test_sigkill_mid_reviews_then_redelivery_resumes_from_checkpoints(
-    store: RunStore, llm: FakeOpenAI, start_app: Callable[[], AppProcess]
+    store: RunStore, llm: FakeOpenAI, start_app: StartApp
 ) -> None:
     first = start_app()
     run, body, in_flight = await start_slow_run(store, llm, first)
@@ -149,7 +105,7 @@ async def test_sigkill_mid_reviews_then_redelivery_resumes_from_checkpoints(
 
 
 async def test_sigterm_releases_in_flight_runs_and_a_new_process_resumes_at_once(
-    store: RunStore, llm: FakeOpenAI, start_app: Callable[[], AppProcess]
+    store: RunStore, llm: FakeOpenAI, start_app: StartApp
 ) -> None:
     first = start_app()
     run, body, in_flight = await start_slow_run(store, llm, first)

@@ -1,0 +1,176 @@
+"""End to end with the real Pub/Sub emulator: topic -> push subscription -> app -> PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from app.store.runs import RunStore
+from tests.conftest import StartApp
+from tests.emulator import PROJECT, PubSubEmulator
+from tests.fakes.openai_server import FakeOpenAI
+from tests.procs import AppProcess
+
+
+@pytest.fixture
+def emulator(tmp_path: Path) -> Iterator[PubSubEmulator]:
+    server = PubSubEmulator(tmp_path / "emulator.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_receiver(
+    start_app: StartApp, emulator: PubSubEmulator, topic: str, **env: str
+) -> AppProcess:
+    return start_app(PUBSUB_EMULATOR_HOST=emulator.host, PUBSUB_TOPIC=topic, **env)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+
+
+async def run_status(client: httpx2.AsyncClient, run_id: str) -> str:
+    status: str = (await client.get(f"/v1/runs/{run_id}")).json()["status"]
+    return status
+
+
+async def completed_count(store: RunStore) -> int:
+    runs, _ = await store.list_runs(limit=100, offset=0, status="completed")
+    return len(runs)
+
+
+async def test_twenty_published_jobs_each_complete_exactly_once(
+    emulator: PubSubEmulator, start_app: StartApp, store: RunStore, llm: FakeOpenAI
+) -> None:
+    app = start_receiver(start_app, emulator, "jobs-twenty")
+    emulator.create_topic("jobs-twenty")
+    emulator.create_push_subscription("jobs-twenty-sub", "jobs-twenty", f"{app.url}/pubsub/push")
+
+    ideas = [
+        json.dumps({"idea": f"Idea number {i} for a shared tool."}).encode() for i in range(20)
+    ]
+    emulator.publish("jobs-twenty", ideas)
+
+    async def all_done() -> bool:
+        return await completed_count(store) == 20
+
+    await eventually(all_done, 120, "20 completed runs")
+    _, total = await store.list_runs(limit=100, offset=0)
+    assert total == 20
+    assert len(llm.calls()) == 20 * 6
+    for call_id in {c.client_request_id for c in llm.calls()}:
+        assert call_id.endswith("/1"), call_id
+
+
+async def test_redelivery_during_a_slow_run_does_not_run_it_twice(
+    emulator: PubSubEmulator, start_app: StartApp, store: RunStore, llm: FakeOpenAI
+) -> None:
+    # The subscription's ack deadline (2 s) is shorter than a run (expand alone takes 5 s), so
+    # the message is redelivered. The emulator holds a redelivery back while its push is
+    # outstanding and sends it after the late answer (real Pub/Sub may send it meanwhile: that
+    # case, a live lease and 409, is covered against PostgreSQL in test_delivery_contract).
+    llm.step_delay["expand"] = 5.0
+    app = start_receiver(start_app, emulator, "jobs-slow", RUN_LEASE_SECONDS="30")
+    emulator.create_topic("jobs-slow")
+    emulator.create_push_subscription(
+        "jobs-slow-sub", "jobs-slow", f"{app.url}/pubsub/push", ack_deadline=2
+    )
+    emulator.publish(
+        "jobs-slow", [json.dumps({"idea": f"Slow idea {i}."}).encode() for i in (1, 2)]
+    )
+
+    async def both_done() -> bool:
+        return await completed_count(store) == 2
+
+    await eventually(both_done, 90, "2 completed runs")
+    assert len(llm.calls("expand")) == 2
+    assert len(llm.calls()) == 12
+    log = app.log()
+    assert "idempotent_skip" in log or "lease_busy" in log, "the message was never redelivered"
+
+
+async def test_garbage_message_is_acknowledged_and_quarantined_once(
+    emulator: PubSubEmulator, start_app: StartApp, store: RunStore, llm: FakeOpenAI
+) -> None:
+    app = start_receiver(start_app, emulator, "jobs-garbage")
+    emulator.create_topic("jobs-garbage")
+    emulator.create_push_subscription(
+        "jobs-garbage-sub", "jobs-garbage", f"{app.url}/pubsub/push", ack_deadline=2
+    )
+    [message_id] = emulator.publish("jobs-garbage", [b"\x00 definitely not a job"])
+
+    async def quarantined() -> bool:
+        return len(await store.list_quarantined(10, 0)) >= 1
+
+    await eventually(quarantined, 30, "the quarantine row")
+    await asyncio.sleep(5)  # more than two ack deadlines: a redelivery would show by now
+    rows = await store.list_quarantined(10, 0)
+    assert len(rows) == 1
+    assert rows[0].message_id == message_id
+    assert rows[0].subscription == f"projects/{PROJECT}/subscriptions/jobs-garbage-sub"
+    assert llm.calls() == []
+
+
+async def test_api_publishes_through_the_emulator_to_the_push_endpoint(
+    emulator: PubSubEmulator, start_app: StartApp, store: RunStore, llm: FakeOpenAI
+) -> None:
+    app = start_receiver(start_app, emulator, "jobs-api")
+    emulator.create_topic("jobs-api")
+    emulator.create_push_subscription("jobs-api-sub", "jobs-api", f"{app.url}/pubsub/push")
+
+    async with httpx2.AsyncClient(base_url=app.url, timeout=30) as client:
+        response = await client.post("/v1/full-review", json={"idea": "A repair café finder."})
+        assert response.status_code == 202
+        run_id = response.json()["run_id"]
+
+        async def done() -> bool:
+            return await run_status(client, run_id) == "completed"
+
+        await eventually(done, 60, "the run to complete")
+    run = await store.get_run(run_id)
+    assert run is not None and run.published_at is not None
+    assert len(llm.calls()) == 6
+
+
+async def test_a_run_submitted_while_pubsub_is_down_is_published_later(
+    tmp_path: Path, start_app: StartApp, store: RunStore, llm: FakeOpenAI
+) -> None:
+    emulator = PubSubEmulator(tmp_path / "emulator-outbox.log").start()
+    try:
+        app = start_receiver(start_app, emulator, "jobs-outbox", OUTBOX_RELAY_INTERVAL_SECONDS="1")
+        emulator.stop()
+
+        async with httpx2.AsyncClient(base_url=app.url, timeout=30) as client:
+            response = await client.post("/v1/full-review", json={"idea": "A seed library."})
+            assert response.status_code == 202
+            run_id = response.json()["run_id"]
+            queued = await store.get_run(run_id)
+            assert queued is not None and queued.published_at is None
+
+            emulator.start()
+            emulator.create_topic("jobs-outbox")
+            emulator.create_push_subscription(
+                "jobs-outbox-sub", "jobs-outbox", f"{app.url}/pubsub/push"
+            )
+
+            async def done() -> bool:
+                return await run_status(client, run_id) == "completed"
+
+            await eventually(done, 60, "the relayed run to complete")
+        assert "publish failed; the outbox relay will retry" in app.log()
+        assert len(llm.calls("expand")) == 1
+    finally:
+        emulator.stop()
