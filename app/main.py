@@ -31,7 +31,13 @@ from app.publish import InProcessPublisher, OutboxRelay, Publisher, PubSubPublis
 from app.push.auth import build_authenticator
 from app.service import ExecutionLimits, PushReceiver, Runner
 from app.settings import Settings, get_settings
-from app.store.db import build_engine, current_revision, head_revision, upgrade_to_head
+from app.store.db import (
+    build_engine,
+    current_revision,
+    head_revision,
+    new_cloud_sql_connector,
+    upgrade_to_head,
+)
 from app.store.runs import RunStore
 
 
@@ -44,7 +50,8 @@ def create_app(settings: Settings) -> FastAPI:
             settings.env == "production", settings.log_level, settings.pubsub_project_id
         )
         validate_policy()
-        engine = build_engine(settings)
+        connector = new_cloud_sql_connector() if settings.use_cloud_sql_connector else None
+        engine = build_engine(settings, connector)
         if settings.auto_migrate:
             await upgrade_to_head(engine)
         store = RunStore(engine)
@@ -119,6 +126,8 @@ def create_app(settings: Settings) -> FastAPI:
             if isinstance(llm, OpenAIProvider):
                 await llm.aclose()
             await engine.dispose()
+            if connector is not None:
+                await connector.close_async()
             logger.info("service stopped")
 
     app = FastAPI(

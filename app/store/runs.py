@@ -453,6 +453,25 @@ class RunStore:
             )
             return result.scalars().all()
 
+    async def list_attention(self, limit: int) -> list[Run]:
+        """Runs an operator should look at: failed, or unfinished and not held by a live lease."""
+        now = utcnow()
+        async with self._transaction() as session:
+            result = await session.execute(
+                select(Run)
+                .where(
+                    (Run.status == RunStatus.FAILED)
+                    | (
+                        Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING])
+                        & (Run.lease_expires_at.is_(None) | (Run.lease_expires_at < now))
+                    )
+                )
+                .order_by(Run.updated_at.desc())
+                .limit(limit)
+                .options(selectinload(Run.steps))
+            )
+            return list(result.scalars().all())
+
     async def delete_all(self) -> None:
         """Empty every table (tests and local resets only)."""
         async with self._transaction() as session:
