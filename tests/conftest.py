@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from app.api.deps import Services
 from app.main import create_app
 from app.settings import Settings
-from app.store.db import alembic_config
+from app.store.db import alembic_config, build_engine
 from app.store.runs import RunStore
 from tests.fakes.openai_server import FakeOpenAI
 from tests.procs import AppProcess
@@ -95,10 +95,15 @@ async def running_app(
     settings: Settings, clean: bool = True
 ) -> AsyncIterator[tuple[FastAPI, httpx2.AsyncClient]]:
     """The app with its lifespan running (on emptied tables unless `clean` is False)."""
+    if clean:
+        # Emptied before start-up, so nothing a previous test left is picked up by the app.
+        engine = build_engine(settings)
+        try:
+            await RunStore(engine).delete_all()
+        finally:
+            await engine.dispose()
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        if clean:
-            await services_of(app).store.delete_all()
         transport = httpx2.ASGITransport(app=app)
         async with httpx2.AsyncClient(
             transport=transport, base_url="http://testserver", timeout=60

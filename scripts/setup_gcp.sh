@@ -1,0 +1,338 @@
+#!/usr/bin/env bash
+# One-time (and re-runnable) Google Cloud set-up for the consensus-engine push receiver.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: scripts/setup_gcp.sh [options]
+
+Creates, or brings up to date, everything the push receiver needs around it:
+  - APIs: run, pubsub, sqladmin, secretmanager, artifactregistry, iam, cloudbuild
+  - Artifact Registry Docker repository for the image
+  - service accounts: the receiver (Cloud Run runtime) and the push identity
+  - the OpenAI key secret (empty; you add its value) and the receiver's access to it
+  - topic, dead-letter topic with a pull subscription that keeps dead letters, and the
+    push subscription to <service-url>/pubsub/push (OIDC token, ack deadline, retry
+    policy, dead-letter policy)
+  - IAM: receiver -> cloudsql.client, cloudsql.instanceUser, secretAccessor on the
+    secret, pubsub.publisher on the topic; Pub/Sub service agent -> token creator on
+    the push identity, publisher on the dead-letter topic, subscriber on the push
+    subscription; push identity -> run.invoker (cloud-run-iam mode only)
+  - Cloud SQL (when the instance exists): the receiver's IAM database user and the database
+
+Every step checks what exists first (describe before create, update when it exists);
+IAM bindings are added idempotently. Safe to run again at any time.
+
+Order: run this, then scripts/deploy.sh, then this again (the push subscription needs the
+service URL; it is looked up from the deployed service or taken from --service-url).
+
+Options (environment variable in brackets; flags win over the environment):
+  --project ID             Google Cloud project [PROJECT_ID; default: gcloud config]
+  --region REGION          Cloud Run / Artifact Registry region [REGION; us-central1]
+  --service NAME           Cloud Run service [SERVICE_NAME; consensus-engine]
+  --service-url URL        receiver base URL [SERVICE_URL; default: looked up]
+  --topic NAME             jobs topic [PUBSUB_TOPIC; consensus-engine-jobs]
+  --subscription NAME      push subscription [PUBSUB_SUBSCRIPTION; consensus-engine-jobs-sub]
+  --dlq-topic NAME         dead-letter topic [PUBSUB_DLQ_TOPIC; consensus-engine-jobs-dlq]
+  --dlq-subscription NAME  pull subscription on the dead-letter topic
+                           [PUBSUB_DLQ_SUBSCRIPTION; consensus-engine-jobs-dlq-sub]
+  --receiver-sa NAME       receiver service account id [RECEIVER_SA_NAME; consensus-receiver]
+  --push-sa NAME           push service account id [PUSH_SA_NAME; consensus-push-invoker]
+  --push-auth MODE         oidc | cloud-run-iam [PUSH_AUTH; oidc]
+  --audience VALUE         push token audience [PUSH_AUDIENCE; <service>-pubsub-push]
+  --secret NAME            OpenAI key secret [OPENAI_SECRET; openai-api-key]
+  --repository NAME        Artifact Registry repository [AR_REPOSITORY; consensus-engine]
+  --sql-instance NAME      Cloud SQL instance name [SQL_INSTANCE; consensus-engine-db]
+  --db-name NAME           database [DB_NAME; consensus_engine]
+  --ack-deadline SECONDS   ack deadline [ACK_DEADLINE; 600] (= WORKER_ACK_DEADLINE_SECONDS)
+  --min-retry-delay DUR    [MIN_RETRY_DELAY; 10s]
+  --max-retry-delay DUR    [MAX_RETRY_DELAY; 600s]
+  --max-delivery-attempts N  [MAX_DELIVERY_ATTEMPTS; 5] (= the service's MAX_DELIVERY_ATTEMPTS)
+  --dry-run                print the changes instead of making them (lookups still run)
+  -h, --help               show this help
+EOF
+}
+
+PROJECT_ID="${PROJECT_ID:-}"
+REGION="${REGION:-us-central1}"
+SERVICE_NAME="${SERVICE_NAME:-consensus-engine}"
+SERVICE_URL="${SERVICE_URL:-}"
+PUBSUB_TOPIC="${PUBSUB_TOPIC:-consensus-engine-jobs}"
+PUBSUB_SUBSCRIPTION="${PUBSUB_SUBSCRIPTION:-consensus-engine-jobs-sub}"
+PUBSUB_DLQ_TOPIC="${PUBSUB_DLQ_TOPIC:-consensus-engine-jobs-dlq}"
+PUBSUB_DLQ_SUBSCRIPTION="${PUBSUB_DLQ_SUBSCRIPTION:-consensus-engine-jobs-dlq-sub}"
+RECEIVER_SA_NAME="${RECEIVER_SA_NAME:-consensus-receiver}"
+PUSH_SA_NAME="${PUSH_SA_NAME:-consensus-push-invoker}"
+PUSH_AUTH="${PUSH_AUTH:-oidc}"
+PUSH_AUDIENCE="${PUSH_AUDIENCE:-}"
+OPENAI_SECRET="${OPENAI_SECRET:-openai-api-key}"
+AR_REPOSITORY="${AR_REPOSITORY:-consensus-engine}"
+SQL_INSTANCE="${SQL_INSTANCE:-consensus-engine-db}"
+DB_NAME="${DB_NAME:-consensus_engine}"
+ACK_DEADLINE="${ACK_DEADLINE:-600}"
+MIN_RETRY_DELAY="${MIN_RETRY_DELAY:-10s}"
+MAX_RETRY_DELAY="${MAX_RETRY_DELAY:-600s}"
+MAX_DELIVERY_ATTEMPTS="${MAX_DELIVERY_ATTEMPTS:-5}"
+DRY_RUN=0
+
+die() {
+    echo "setup_gcp.sh: $*" >&2
+    exit 1
+}
+
+need_value() {
+    [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see --help)"
+}
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        --project) need_value "$@"; PROJECT_ID="$2"; shift 2 ;;
+        --region) need_value "$@"; REGION="$2"; shift 2 ;;
+        --service) need_value "$@"; SERVICE_NAME="$2"; shift 2 ;;
+        --service-url) need_value "$@"; SERVICE_URL="$2"; shift 2 ;;
+        --topic) need_value "$@"; PUBSUB_TOPIC="$2"; shift 2 ;;
+        --subscription) need_value "$@"; PUBSUB_SUBSCRIPTION="$2"; shift 2 ;;
+        --dlq-topic) need_value "$@"; PUBSUB_DLQ_TOPIC="$2"; shift 2 ;;
+        --dlq-subscription) need_value "$@"; PUBSUB_DLQ_SUBSCRIPTION="$2"; shift 2 ;;
+        --receiver-sa) need_value "$@"; RECEIVER_SA_NAME="$2"; shift 2 ;;
+        --push-sa) need_value "$@"; PUSH_SA_NAME="$2"; shift 2 ;;
+        --push-auth) need_value "$@"; PUSH_AUTH="$2"; shift 2 ;;
+        --audience) need_value "$@"; PUSH_AUDIENCE="$2"; shift 2 ;;
+        --secret) need_value "$@"; OPENAI_SECRET="$2"; shift 2 ;;
+        --repository) need_value "$@"; AR_REPOSITORY="$2"; shift 2 ;;
+        --sql-instance) need_value "$@"; SQL_INSTANCE="$2"; shift 2 ;;
+        --db-name) need_value "$@"; DB_NAME="$2"; shift 2 ;;
+        --ack-deadline) need_value "$@"; ACK_DEADLINE="$2"; shift 2 ;;
+        --min-retry-delay) need_value "$@"; MIN_RETRY_DELAY="$2"; shift 2 ;;
+        --max-retry-delay) need_value "$@"; MAX_RETRY_DELAY="$2"; shift 2 ;;
+        --max-delivery-attempts) need_value "$@"; MAX_DELIVERY_ATTEMPTS="$2"; shift 2 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        *) die "unknown option: $1 (see --help)" ;;
+    esac
+done
+
+case "$PUSH_AUTH" in
+    oidc | cloud-run-iam) ;;
+    *) die "--push-auth must be oidc or cloud-run-iam, not '$PUSH_AUTH'" ;;
+esac
+if ! [[ "$ACK_DEADLINE" =~ ^[0-9]+$ ]] || ((ACK_DEADLINE < 10 || ACK_DEADLINE > 600)); then
+    die "--ack-deadline must be 10..600 seconds"
+fi
+if ! [[ "$MAX_DELIVERY_ATTEMPTS" =~ ^[0-9]+$ ]] ||
+    ((MAX_DELIVERY_ATTEMPTS < 5 || MAX_DELIVERY_ATTEMPTS > 100)); then
+    die "--max-delivery-attempts must be 5..100 (Pub/Sub's range)"
+fi
+
+# Never wait for a prompt: this runs unattended as well as by hand.
+export CLOUDSDK_CORE_DISABLE_PROMPTS=1
+
+if [[ -z "$PROJECT_ID" ]]; then
+    PROJECT_ID="$(gcloud config get-value project 2>/dev/null || true)"
+fi
+[[ -n "$PROJECT_ID" ]] || die "no project: pass --project or set PROJECT_ID"
+PUSH_AUDIENCE="${PUSH_AUDIENCE:-${SERVICE_NAME}-pubsub-push}"
+
+RECEIVER_SA="${RECEIVER_SA_NAME}@${PROJECT_ID}.iam.gserviceaccount.com"
+PUSH_SA="${PUSH_SA_NAME}@${PROJECT_ID}.iam.gserviceaccount.com"
+# Cloud SQL names an IAM database user after the service account, minus this suffix.
+DB_USER="${RECEIVER_SA%.gserviceaccount.com}"
+P=(--project="$PROJECT_ID")
+
+step() {
+    printf '\n==> %s\n' "$*"
+}
+
+# Runs a change, or prints it under --dry-run (on fd 3, the original stdout, so that
+# callers silencing gcloud's output still show what would run).
+exec 3>&1
+run() {
+    if ((DRY_RUN)); then
+        {
+            printf '[dry-run]'
+            printf ' %q' "$@"
+            printf '\n'
+        } >&3
+    else
+        "$@"
+    fi
+}
+
+# Newly created service accounts take a few seconds to be visible to IAM.
+run_retry() {
+    local attempt
+    for attempt in 1 2 3 4 5; do
+        if run "$@"; then
+            return 0
+        fi
+        echo "    (retrying in $((attempt * 5))s)" >&2
+        sleep $((attempt * 5))
+    done
+    die "gave up: $*"
+}
+
+exists() {
+    "$@" "${P[@]}" --format="value(name)" >/dev/null 2>&1
+}
+
+step "project $PROJECT_ID, region $REGION, service $SERVICE_NAME, push auth $PUSH_AUTH"
+PROJECT_NUMBER="$(gcloud projects describe "$PROJECT_ID" --format='value(projectNumber)')"
+[[ -n "$PROJECT_NUMBER" ]] || die "cannot read the number of project $PROJECT_ID"
+PUBSUB_AGENT="service-${PROJECT_NUMBER}@gcp-sa-pubsub.iam.gserviceaccount.com"
+
+step "APIs"
+run gcloud services enable run.googleapis.com pubsub.googleapis.com sqladmin.googleapis.com \
+    secretmanager.googleapis.com artifactregistry.googleapis.com iam.googleapis.com \
+    cloudbuild.googleapis.com "${P[@]}"
+# The Pub/Sub service agent signs push tokens and forwards dead letters; make sure it exists.
+run gcloud beta services identity create --service=pubsub.googleapis.com "${P[@]}" ||
+    echo "    (could not confirm the Pub/Sub service agent; it appears with the API)" >&2
+
+step "Artifact Registry repository $AR_REPOSITORY"
+if exists gcloud artifacts repositories describe "$AR_REPOSITORY" --location="$REGION"; then
+    echo "    exists"
+else
+    run gcloud artifacts repositories create "$AR_REPOSITORY" --location="$REGION" \
+        --repository-format=docker --description="consensus-engine images" "${P[@]}"
+fi
+
+step "service accounts"
+ensure_service_account() {
+    local name="$1" display="$2"
+    if exists gcloud iam service-accounts describe "${name}@${PROJECT_ID}.iam.gserviceaccount.com"; then
+        echo "    $name exists"
+    else
+        run gcloud iam service-accounts create "$name" --display-name="$display" "${P[@]}"
+    fi
+}
+ensure_service_account "$RECEIVER_SA_NAME" "consensus-engine push receiver (Cloud Run)"
+ensure_service_account "$PUSH_SA_NAME" "consensus-engine Pub/Sub push identity"
+
+step "receiver roles on the project: Cloud SQL client and IAM database login"
+for role in roles/cloudsql.client roles/cloudsql.instanceUser; do
+    run_retry gcloud projects add-iam-policy-binding "$PROJECT_ID" \
+        --member="serviceAccount:$RECEIVER_SA" --role="$role" --condition=None --quiet >/dev/null
+done
+
+step "secret $OPENAI_SECRET"
+if exists gcloud secrets describe "$OPENAI_SECRET"; then
+    echo "    exists"
+else
+    run gcloud secrets create "$OPENAI_SECRET" --replication-policy=automatic "${P[@]}"
+fi
+run_retry gcloud secrets add-iam-policy-binding "$OPENAI_SECRET" \
+    --member="serviceAccount:$RECEIVER_SA" --role=roles/secretmanager.secretAccessor \
+    "${P[@]}" >/dev/null
+if [[ -z "$(gcloud secrets versions list "$OPENAI_SECRET" --filter=state:ENABLED --limit=1 \
+    --format='value(name)' "${P[@]}" 2>/dev/null || true)" ]]; then
+    # The key is never read from this script's environment: add it yourself, from stdin.
+    echo "    no enabled version yet; add the key with:"
+    echo "      printf '%s' \"\$OPENAI_API_KEY\" | gcloud secrets versions add $OPENAI_SECRET --data-file=- --project=$PROJECT_ID"
+fi
+
+step "topics $PUBSUB_TOPIC and $PUBSUB_DLQ_TOPIC"
+for topic in "$PUBSUB_TOPIC" "$PUBSUB_DLQ_TOPIC"; do
+    if exists gcloud pubsub topics describe "$topic"; then
+        echo "    $topic exists"
+    else
+        run gcloud pubsub topics create "$topic" "${P[@]}"
+    fi
+done
+# /v1/full-review publishes jobs as the receiver.
+run_retry gcloud pubsub topics add-iam-policy-binding "$PUBSUB_TOPIC" \
+    --member="serviceAccount:$RECEIVER_SA" --role=roles/pubsub.publisher "${P[@]}" >/dev/null
+run_retry gcloud pubsub topics add-iam-policy-binding "$PUBSUB_DLQ_TOPIC" \
+    --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.publisher "${P[@]}" >/dev/null
+
+step "dead-letter subscription $PUBSUB_DLQ_SUBSCRIPTION (keeps dead letters for inspection)"
+# A topic without a subscription drops what is published to it; never expire this one.
+if exists gcloud pubsub subscriptions describe "$PUBSUB_DLQ_SUBSCRIPTION"; then
+    echo "    exists"
+else
+    run gcloud pubsub subscriptions create "$PUBSUB_DLQ_SUBSCRIPTION" \
+        --topic="$PUBSUB_DLQ_TOPIC" --message-retention-duration=7d \
+        --expiration-period=never "${P[@]}"
+fi
+
+step "push identity $PUSH_SA_NAME: the Pub/Sub service agent may mint its OIDC tokens"
+run_retry gcloud iam service-accounts add-iam-policy-binding "$PUSH_SA" \
+    --member="serviceAccount:$PUBSUB_AGENT" --role=roles/iam.serviceAccountTokenCreator \
+    "${P[@]}" >/dev/null
+
+step "Cloud SQL instance $SQL_INSTANCE"
+if exists gcloud sql instances describe "$SQL_INSTANCE"; then
+    # Instance creation is a sizing and cost decision: infra/cloudrun/README.md.
+    if [[ -n "$(gcloud sql users list --instance="$SQL_INSTANCE" --filter="name=\"$DB_USER\"" \
+        --format='value(name)' "${P[@]}" 2>/dev/null || true)" ]]; then
+        echo "    IAM database user $DB_USER exists"
+    else
+        run gcloud sql users create "$DB_USER" --instance="$SQL_INSTANCE" \
+            --type=cloud_iam_service_account "${P[@]}"
+    fi
+    if exists gcloud sql databases describe "$DB_NAME" --instance="$SQL_INSTANCE"; then
+        echo "    database $DB_NAME exists"
+    else
+        run gcloud sql databases create "$DB_NAME" --instance="$SQL_INSTANCE" "${P[@]}"
+    fi
+    if ! gcloud sql instances describe "$SQL_INSTANCE" --flatten=settings.databaseFlags \
+        --format='value(settings.databaseFlags.name,settings.databaseFlags.value)' \
+        "${P[@]}" 2>/dev/null | grep -q '^cloudsql.iam_authentication[[:space:]]on$'; then
+        # Not patched from here: setting database flags replaces them all and restarts.
+        echo "    WARNING: IAM database authentication is off; set the database flag"
+        echo "    cloudsql.iam_authentication=on on $SQL_INSTANCE (infra/cloudrun/README.md)"
+    fi
+    echo "    grant $DB_USER rights in $DB_NAME once (infra/cloudrun/README.md, 'Database')"
+else
+    echo "    not found: create it (infra/cloudrun/README.md), then run this again"
+fi
+
+step "push subscription $PUBSUB_SUBSCRIPTION"
+if [[ -z "$SERVICE_URL" ]]; then
+    SERVICE_URL="$(gcloud run services describe "$SERVICE_NAME" --region="$REGION" \
+        --format='value(status.url)' "${P[@]}" 2>/dev/null || true)"
+fi
+if [[ -z "$SERVICE_URL" ]]; then
+    echo "    service $SERVICE_NAME is not deployed yet: run scripts/deploy.sh, then this again"
+    echo "    (or pass --service-url)"
+    exit 0
+fi
+PUSH_ENDPOINT="${SERVICE_URL%/}/pubsub/push"
+echo "    endpoint $PUSH_ENDPOINT, audience $PUSH_AUDIENCE"
+SUBSCRIPTION_FLAGS=(
+    --push-endpoint="$PUSH_ENDPOINT"
+    --push-auth-service-account="$PUSH_SA"
+    --push-auth-token-audience="$PUSH_AUDIENCE"
+    --ack-deadline="$ACK_DEADLINE"
+    --min-retry-delay="$MIN_RETRY_DELAY"
+    --max-retry-delay="$MAX_RETRY_DELAY"
+    --dead-letter-topic="$PUBSUB_DLQ_TOPIC"
+    --max-delivery-attempts="$MAX_DELIVERY_ATTEMPTS"
+    --message-retention-duration=7d
+    --expiration-period=never
+)
+if exists gcloud pubsub subscriptions describe "$PUBSUB_SUBSCRIPTION"; then
+    run gcloud pubsub subscriptions update "$PUBSUB_SUBSCRIPTION" "${SUBSCRIPTION_FLAGS[@]}" \
+        "${P[@]}"
+else
+    run gcloud pubsub subscriptions create "$PUBSUB_SUBSCRIPTION" --topic="$PUBSUB_TOPIC" \
+        "${SUBSCRIPTION_FLAGS[@]}" "${P[@]}"
+fi
+# The service agent acknowledges the messages it forwards to the dead-letter topic.
+run_retry gcloud pubsub subscriptions add-iam-policy-binding "$PUBSUB_SUBSCRIPTION" \
+    --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.subscriber "${P[@]}" >/dev/null
+
+if [[ "$PUSH_AUTH" == cloud-run-iam ]]; then
+    step "cloud-run-iam: only the push identity may invoke $SERVICE_NAME"
+    run_retry gcloud run services add-iam-policy-binding "$SERVICE_NAME" --region="$REGION" \
+        --member="serviceAccount:$PUSH_SA" --role=roles/run.invoker "${P[@]}" >/dev/null
+else
+    step "oidc: the app verifies push tokens itself; no run.invoker binding needed"
+fi
+
+step "done"
+echo "    jobs:         projects/$PROJECT_ID/topics/$PUBSUB_TOPIC"
+echo "    push:         $PUBSUB_SUBSCRIPTION -> $PUSH_ENDPOINT"
+echo "    dead letters: $PUBSUB_DLQ_SUBSCRIPTION (gcloud pubsub subscriptions pull $PUBSUB_DLQ_SUBSCRIPTION --project=$PROJECT_ID)"

