@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import health, push, runs
 from app.api.deps import Services
-from app.api.errors import install_error_handlers, request_id_var
+from app.api.errors import error_response, install_error_handlers, request_id_var
 from app.domain.llm import LLM
 from app.domain.personas import validate_policy
 from app.domain.pipeline import PipelineConfig
@@ -219,15 +219,28 @@ class RequestContextMiddleware:
         request_token = request_id_var.set(request_id)
         trace_token = trace_context.set(headers.get("x-cloud-trace-context"))
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", [])
                 message["headers"].append((b"x-request-id", request_id.encode("latin-1")))
             await send(message)
 
         try:
             with logger.contextualize(request_id=request_id):
-                await self.app(scope, receive, send_with_id)
+                try:
+                    await self.app(scope, receive, send_with_id)
+                except Exception:
+                    # Answered here, inside the request context, so even a 500 has the error
+                    # shape and its X-Request-ID.
+                    logger.exception("unhandled error")
+                    if started:
+                        raise
+                    response = error_response(500, "internal_error", "internal server error")
+                    await response(scope, receive, send_with_id)
         finally:
             request_id_var.reset(request_token)
             trace_context.reset(trace_token)
