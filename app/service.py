@@ -142,10 +142,9 @@ class Runner:
         assert claim.started_at is not None
         elapsed = (utcnow() - claim.started_at).total_seconds()
         remaining = self._limits.job_timeout_seconds - elapsed
+        job_timeout = f"job timeout of {self._limits.job_timeout_seconds:g}s exceeded"
         if remaining <= 0:
-            return await self._fail(
-                run_id, owner, f"job timeout of {self._limits.job_timeout_seconds:g}s exceeded"
-            )
+            return await self._fail(run_id, owner, job_timeout)
         budget = min(self._limits.push_deadline_seconds, remaining)
         job_timeout_binds = remaining <= self._limits.push_deadline_seconds
         logger.info("job started", lifecycle_event="job_started", delivery_attempt=attempt)
@@ -162,9 +161,7 @@ class Runner:
             await self._store.complete(run_id, owner)
         except TimeoutError:
             if job_timeout_binds:
-                return await self._fail(
-                    run_id, owner, f"job timeout of {self._limits.job_timeout_seconds:g}s exceeded"
-                )
+                return await self._fail(run_id, owner, job_timeout)
             return await self._transient(
                 run_id,
                 owner,

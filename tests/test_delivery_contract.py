@@ -159,14 +159,14 @@ async def test_push_deadline_checkpoints_and_answers_503(
 ) -> None:
     settings = make_settings(push_deadline_seconds=1.0)
     for persona in ("architect", "critic", "optimist", "security_guardian", "user_advocate"):
-        llm.step_delay[f"review_{persona}"] = 3.0
+        llm.step_delay[f"review_{persona}"] = 10.0
     async with running_app(settings) as (app, client):
         run_id = await new_run(app)
         started = time.monotonic()
         response = await push(client, {"run_id": run_id})
         elapsed = time.monotonic() - started
         assert response.status_code == 503
-        assert elapsed < 2.5
+        assert elapsed < 5, "the delivery waited for the LLM instead of its deadline"
         run = await run_json(client, run_id)
         assert run["lease_owner"] is None
         assert run["proposal"] is not None
@@ -181,12 +181,12 @@ async def test_push_deadline_checkpoints_and_answers_503(
 async def test_step_timeout_cancels_a_hung_call_and_retries(
     make_settings: Callable[..., Settings], llm: FakeOpenAI
 ) -> None:
-    llm.queue("review_critic", Reply(delay=3.0))
+    llm.queue("review_critic", Reply(delay=10.0))
     async with running_app(make_settings(worker_step_timeout_seconds=0.5)) as (app, client):
         run_id = await new_run(app)
         started = time.monotonic()
         assert (await push(client, {"run_id": run_id})).status_code == 204
-        assert time.monotonic() - started < 2.5
+        assert time.monotonic() - started < 5, "the hung call was not cancelled"
         run = await run_json(client, run_id)
         critic = next(s for s in run["step_progress"] if s["step_name"] == "review_critic")
         assert critic["attempts"] == 2

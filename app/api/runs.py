@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -77,7 +78,7 @@ async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
             )
             for s in run.steps
         ],
-        usage=Usage(**usage.__dict__),
+        usage=Usage(**asdict(usage)),
         delivery_count=run.delivery_count,
         last_delivery_attempt=run.last_delivery_attempt,
         lease_owner=run.lease_owner,
