@@ -34,20 +34,20 @@ def configure_logging(production: bool, level: str, project_id: str | None) -> N
     if production:
         logger.add(_json_sink(project_id), level=level, enqueue=False)
     else:
-        logger.add(
-            sys.stderr,
-            level=level,
-            format=(
-                "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
-                "{message} <dim>{extra}</dim>"
-            ),
-        )
+        logger.add(sys.stderr, level=level, format=_text_format)
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers = [_InterceptHandler()]
         logging.getLogger(name).propagate = False
     logging.getLogger("uvicorn.access").handlers = []
     logging.getLogger("uvicorn.access").propagate = False
+
+
+def _text_format(record: Record) -> str:
+    line = "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}"
+    if record["extra"]:
+        line += " <dim>{extra}</dim>"
+    return line + "\n{exception}"
 
 
 def cloud_logging_record(record: Record, project_id: str | None) -> dict[str, Any]:
