@@ -10,7 +10,7 @@ import httpx2
 from fastapi import FastAPI
 
 from tests.conftest import running_app
-from tests.fakes.openai_server import FakeOpenAI
+from tests.fakes.openai_server import FakeOpenAI, Reply
 
 AppClient = tuple[FastAPI, httpx2.AsyncClient]
 
@@ -131,3 +131,15 @@ async def test_ready_is_503_and_work_refused_when_schema_is_behind(
         submit = await client.post("/v1/full-review", json={"idea": "An idea."})
         assert_error_shape(submit, 503, "schema_behind")
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_in_process_delivery_redelivers_after_a_transient_failure(
+    app_client: AppClient, llm: FakeOpenAI
+) -> None:
+    _, client = app_client
+    llm.queue("expand", *[Reply(503)] * 4)
+    response = await client.post("/v1/full-review", json={"idea": "A bike repair café."})
+    run = await wait_for_status(client, response.json()["run_id"], "completed")
+    assert run["delivery_count"] == 2
+    expand = next(s for s in run["step_progress"] if s["step_name"] == "expand")
+    assert expand["attempts"] == 5

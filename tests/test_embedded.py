@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.settings import Settings
-from tests.conftest import running_app
+from tests.conftest import running_app, services_of
 from tests.test_api import wait_for_status
 
 
@@ -50,3 +50,19 @@ async def test_offline_runs_are_deterministic(tmp_path: Path) -> None:
                 (run["decision"], [r["confidence_score"] for r in run["persona_reviews"]])
             )
     assert decisions[0] == decisions[1]
+
+
+async def test_runs_left_unfinished_are_picked_up_at_start(tmp_path: Path) -> None:
+    settings = Settings(
+        _env_file=None,
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/restart.db",
+        log_level="WARNING",
+    )
+    async with running_app(settings, clean=False) as (app, _):
+        # Written but never delivered, as when a process stops right after the commit.
+        run = await services_of(app).store.create_run("A repair café finder.", None)
+        await services_of(app).store.claim(run.id, "dead-process/1", 0.01, None)
+
+    async with running_app(settings, clean=False) as (_, client):
+        result = await wait_for_status(client, run.id, "completed")
+    assert result["delivery_count"] == 2
