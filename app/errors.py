@@ -19,6 +19,10 @@ class PermanentError(ConsensusError):
     """Will not succeed by retrying: the run is failed and the message acknowledged."""
 
 
+class InvalidRunInput(PermanentError):
+    """The run's stored input fails validation; no delivery can fix it."""
+
+
 class StepFailedTransient(TransientError):
     """A pipeline step gave up after its retries on errors that may pass."""
 

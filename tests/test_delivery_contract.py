@@ -154,6 +154,19 @@ async def test_ten_concurrent_duplicate_deliveries_execute_once(
     assert len(llm.calls()) == 6
 
 
+async def test_run_with_invalid_input_fails_permanently(
+    app_client: AppClient, llm: FakeOpenAI
+) -> None:
+    app, client = app_client
+    run_id = await new_run(app)
+    await set_run(app, run_id, input_idea="One. " * 11)
+    assert (await push(client, {"run_id": run_id})).status_code == 204
+    run = await run_json(client, run_id)
+    assert run["status"] == "failed"
+    assert "run input is invalid" in run["error_message"]
+    assert llm.calls() == []
+
+
 async def test_push_deadline_checkpoints_and_answers_503(
     make_settings: Callable[..., Settings], llm: FakeOpenAI
 ) -> None:

@@ -10,11 +10,17 @@ from pydantic import BaseModel
 
 from app.domain import prompts
 from app.domain.aggregate import aggregate
+from app.domain.ideas import validate_extra_context, validate_idea
 from app.domain.llm import LLM, LLMCallError, LLMRequest, LLMResult, T
 from app.domain.models import Decision, PersonaReview, Proposal, ReviewContent, TokenUsage
 from app.domain.personas import AGGREGATE_STEP, EXPAND_STEP, PERSONAS, Persona
 from app.domain.retry import RetryPolicy
-from app.errors import PermanentError, StepFailedPermanent, StepFailedTransient
+from app.errors import (
+    InvalidRunInput,
+    PermanentError,
+    StepFailedPermanent,
+    StepFailedTransient,
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,11 @@ async def run_pipeline(
     config: PipelineConfig,
 ) -> Decision:
     """Run the steps not yet in `checkpoint`; never repeats a completed step's LLM call."""
+    try:
+        validate_idea(run.idea)
+        validate_extra_context(run.extra_context)
+    except ValueError as exc:
+        raise InvalidRunInput(f"run input is invalid: {exc}") from exc
     proposal = checkpoint.proposal
     if proposal is None:
         expanded = await _call_step(
