@@ -310,3 +310,42 @@ async def test_unknown_message_id_is_stable_across_runs(app_client: AppClient) -
         body = encode_wrapped(job, "same-id", subscription)
         assert (await client.post("/pubsub/push", content=body)).status_code == 204
     assert (await client.get("/v1/runs")).json()["total"] == 2
+
+
+async def test_heartbeat_keeps_the_lease_alive_through_a_long_step(
+    make_settings: Callable[..., Settings], llm: FakeOpenAI
+) -> None:
+    # The expand call lasts three lease lengths; only the heartbeat keeps the lease live.
+    llm.step_delay["expand"] = 3.0
+    async with running_app(make_settings(run_lease_seconds=1.0)) as (app, client):
+        run_id = await new_run(app)
+        first = asyncio.create_task(push(client, {"run_id": run_id}))
+        await asyncio.sleep(2.0)
+        duplicate = await push(client, {"run_id": run_id})
+        assert duplicate.status_code == 409
+        assert (await first).status_code == 204
+    assert len(llm.calls()) == 6
+
+
+async def test_a_delivery_that_lost_its_lease_stops_writing(
+    app_client: AppClient, llm: FakeOpenAI
+) -> None:
+    app, client = app_client
+    for persona in ("architect", "critic", "optimist", "security_guardian", "user_advocate"):
+        llm.step_delay[f"review_{persona}"] = 1.0
+    run_id = await new_run(app)
+    first = asyncio.create_task(push(client, {"run_id": run_id}))
+    for _ in range(100):
+        if len(llm.calls()) == 6:
+            break
+        await asyncio.sleep(0.05)
+    # Another delivery takes the run over while the reviews are in flight.
+    await set_run(
+        app, run_id, lease_owner="thief/1", lease_expires_at=utcnow() + timedelta(seconds=60)
+    )
+    response = await first
+    assert response.status_code == 409
+    run = await run_json(client, run_id)
+    assert run["lease_owner"] == "thief/1"
+    assert run["persona_reviews"] == []
+    assert run["status"] == "running"
