@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api import health, push, runs
 from app.api.deps import Services
 from app.api.errors import error_response, install_error_handlers, request_id_var
+from app.auth import build_api_authenticator, build_authenticator
 from app.domain.llm import LLM
 from app.domain.personas import validate_policy
 from app.domain.pipeline import PipelineConfig
@@ -28,7 +29,6 @@ from app.llm.offline import OfflineProvider
 from app.llm.openai_provider import OpenAIProvider, build_client
 from app.logs import configure_logging, trace_context
 from app.publish import InProcessPublisher, OutboxRelay, Publisher, PubSubPublisher
-from app.push.auth import build_authenticator
 from app.service import ExecutionLimits, PushReceiver, Runner
 from app.settings import Settings, get_settings
 from app.store.db import (
@@ -89,6 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
             receiver=receiver,
             outbox=outbox,
             authenticator=build_authenticator(settings),
+            api_authenticator=build_api_authenticator(settings),
             head_revision=head_revision(),
         )
         try:
@@ -108,10 +109,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.services = services
         restore_signals = _on_shutdown_signal(runner.begin_shutdown)
         logger.info(
-            "service started (llm={}, database={}, push_auth={})",
+            "service started (llm={}, database={}, push_auth={}, api_auth={})",
             settings.effective_llm_provider,
             engine.url.get_backend_name(),
             settings.effective_push_auth,
+            settings.effective_api_auth,
             lifecycle_event="worker.started",
         )
         try:
@@ -123,6 +125,7 @@ def create_app(settings: Settings) -> FastAPI:
             await asyncio.gather(relay, return_exceptions=True)
             await publisher.aclose()
             await services.authenticator.aclose()
+            await services.api_authenticator.aclose()
             if isinstance(llm, OpenAIProvider):
                 await llm.aclose()
             await engine.dispose()

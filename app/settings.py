@@ -11,6 +11,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GOOGLE_V1_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+# The `aud` of `gcloud auth print-identity-token` for a user account (gcloud's OAuth client).
+GCLOUD_CLI_AUDIENCE = "32555940559.apps.googleusercontent.com"
 EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///./consensus_engine.db"
 # Left between the push deadline and Pub/Sub's ack deadline so the 503 reaches Pub/Sub in time.
 PUSH_DEADLINE_MARGIN_SECONDS = 30.0
@@ -77,9 +79,18 @@ class Settings(BaseSettings):
     push_deadline_seconds: float | None = Field(None, gt=0.0)
     push_max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
-    @field_validator("push_service_accounts", mode="before")
+    # The /v1 API
+    api_auth: Literal["oidc", "none"] | None = None
+    api_audiences: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [GCLOUD_CLI_AUDIENCE]
+    )
+    api_allowed_principals: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator(
+        "push_service_accounts", "api_audiences", "api_allowed_principals", mode="before"
+    )
     @classmethod
-    def _split_accounts(cls, value: object) -> object:
+    def _split_lists(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
@@ -111,6 +122,14 @@ class Settings(BaseSettings):
             )
         if self.effective_push_auth == "oidc" and not self.push_audience:
             raise ValueError("PUSH_AUTH=oidc needs PUSH_AUDIENCE")
+        if self.effective_api_auth == "oidc":
+            if not self.api_allowed_principals:
+                raise ValueError(
+                    "API_AUTH=oidc needs API_ALLOWED_PRINCIPALS (else any Google account could "
+                    "call the API)"
+                )
+            if not self.api_audiences:
+                raise ValueError("API_AUTH=oidc needs API_AUDIENCES")
         return self
 
     def _check_production(self) -> None:
@@ -126,6 +145,9 @@ class Settings(BaseSettings):
             raise ValueError("ENV=production refuses SQLite; set DATABASE_URL, DB_* or Cloud SQL")
         if not self.pubsub_project_id:
             raise ValueError("ENV=production needs PUBSUB_PROJECT_ID to publish jobs")
+        if self.effective_push_auth == "oidc" and self.effective_api_auth == "none":
+            # Cloud Run's invoker check is off in oidc mode: nothing else guards /v1.
+            raise ValueError("ENV=production with PUSH_AUTH=oidc needs API_AUTH=oidc")
 
     @property
     def effective_llm_provider(self) -> Literal["openai", "offline"]:
@@ -140,6 +162,13 @@ class Settings(BaseSettings):
         if self.push_auth is not None:
             return self.push_auth
         return "oidc" if self.env == "production" else "none"
+
+    @property
+    def effective_api_auth(self) -> Literal["oidc", "none"]:
+        if self.api_auth is not None:
+            return self.api_auth
+        # Behind Cloud Run IAM (cloud-run-iam) the API is already guarded; in oidc mode it is not.
+        return "oidc" if self.env == "production" and self.effective_push_auth == "oidc" else "none"
 
     @property
     def effective_push_deadline_seconds(self) -> float:

@@ -35,6 +35,10 @@ Options (environment variable in brackets; flags win over the environment):
   --push-sa NAME         push service account id [PUSH_SA_NAME; consensus-push-invoker]
   --push-auth MODE       oidc | cloud-run-iam [PUSH_AUTH; oidc]
   --audience VALUE       push token audience [PUSH_AUDIENCE; <service>-pubsub-push]
+  --api-principals LIST  emails allowed to call /v1 when --push-auth=oidc, comma-separated
+                         [API_ALLOWED_PRINCIPALS; the active gcloud account]
+  --api-audiences LIST   accepted audiences of /v1 callers' ID tokens
+                         [API_AUDIENCES; gcloud's, i.e. `gcloud auth print-identity-token`]
   --topic NAME           jobs topic [PUBSUB_TOPIC; consensus-engine-jobs]
   --subscription NAME    push subscription [PUBSUB_SUBSCRIPTION; consensus-engine-jobs-sub]
   --secret NAME          OpenAI key secret [OPENAI_SECRET; openai-api-key]
@@ -64,6 +68,9 @@ RECEIVER_SA_NAME="${RECEIVER_SA_NAME:-consensus-receiver}"
 PUSH_SA_NAME="${PUSH_SA_NAME:-consensus-push-invoker}"
 PUSH_AUTH="${PUSH_AUTH:-oidc}"
 PUSH_AUDIENCE="${PUSH_AUDIENCE:-}"
+API_ALLOWED_PRINCIPALS="${API_ALLOWED_PRINCIPALS:-}"
+# The `aud` of `gcloud auth print-identity-token` for a user account (gcloud's OAuth client).
+API_AUDIENCES="${API_AUDIENCES:-32555940559.apps.googleusercontent.com}"
 PUBSUB_TOPIC="${PUBSUB_TOPIC:-consensus-engine-jobs}"
 PUBSUB_SUBSCRIPTION="${PUBSUB_SUBSCRIPTION:-consensus-engine-jobs-sub}"
 OPENAI_SECRET="${OPENAI_SECRET:-openai-api-key}"
@@ -101,6 +108,8 @@ while [[ $# -gt 0 ]]; do
         --push-sa) need_value "$@"; PUSH_SA_NAME="$2"; shift 2 ;;
         --push-auth) need_value "$@"; PUSH_AUTH="$2"; shift 2 ;;
         --audience) need_value "$@"; PUSH_AUDIENCE="$2"; shift 2 ;;
+        --api-principals) need_value "$@"; API_ALLOWED_PRINCIPALS="$2"; shift 2 ;;
+        --api-audiences) need_value "$@"; API_AUDIENCES="$2"; shift 2 ;;
         --topic) need_value "$@"; PUBSUB_TOPIC="$2"; shift 2 ;;
         --subscription) need_value "$@"; PUBSUB_SUBSCRIPTION="$2"; shift 2 ;;
         --secret) need_value "$@"; OPENAI_SECRET="$2"; shift 2 ;;
@@ -112,10 +121,12 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-# shellcheck disable=SC2034  # INVOKER_IAM_DISABLED is read through ${!name} when rendering
+# shellcheck disable=SC2034  # read through ${!name} when rendering
 case "$PUSH_AUTH" in
-    oidc) INVOKER_IAM_DISABLED=true ;;
-    cloud-run-iam) INVOKER_IAM_DISABLED=false ;;
+    # The invoker check is off, so the app guards /v1 itself.
+    oidc) INVOKER_IAM_DISABLED=true API_AUTH=oidc ;;
+    # Cloud Run IAM guards every route already.
+    cloud-run-iam) INVOKER_IAM_DISABLED=false API_AUTH=none ;;
     *) die "--push-auth must be oidc or cloud-run-iam, not '$PUSH_AUTH'" ;;
 esac
 
@@ -126,6 +137,12 @@ if [[ -z "$PROJECT_ID" && "$RENDER_ONLY" -eq 0 ]]; then
     PROJECT_ID="$(gcloud config get-value project 2>/dev/null || true)"
 fi
 [[ -n "$PROJECT_ID" ]] || die "no project: pass --project or set PROJECT_ID"
+if [[ "$API_AUTH" == oidc && -z "$API_ALLOWED_PRINCIPALS" && "$RENDER_ONLY" -eq 0 ]]; then
+    API_ALLOWED_PRINCIPALS="$(gcloud config get-value account 2>/dev/null || true)"
+fi
+if [[ "$API_AUTH" == oidc && -z "$API_ALLOWED_PRINCIPALS" ]]; then
+    die "--push-auth=oidc leaves /v1 to the app: pass --api-principals (who may call it)"
+fi
 
 if [[ -n "$IMAGE" ]]; then
     SKIP_BUILD=1
@@ -153,8 +170,8 @@ PUSH_AUDIENCE="${PUSH_AUDIENCE:-${SERVICE_NAME}-pubsub-push}"
 # The manifest's placeholders, in the order its header documents them.
 PLACEHOLDERS=(
     SERVICE_NAME REGION IMAGE PROJECT_ID RECEIVER_SA PUSH_SA PUSH_AUTH INVOKER_IAM_DISABLED
-    PUSH_AUDIENCE DB_INSTANCE_CONNECTION_NAME DB_NAME DB_USER PUBSUB_TOPIC
-    PUBSUB_SUBSCRIPTION OPENAI_SECRET OPENAI_MODEL
+    PUSH_AUDIENCE API_AUTH API_AUDIENCES API_ALLOWED_PRINCIPALS DB_INSTANCE_CONNECTION_NAME
+    DB_NAME DB_USER PUBSUB_TOPIC PUBSUB_SUBSCRIPTION OPENAI_SECRET OPENAI_MODEL
 )
 
 render_manifest() {
@@ -213,6 +230,9 @@ PUBSUB_PROJECT_ID: "$PROJECT_ID"
 PUSH_AUTH: "$PUSH_AUTH"
 PUSH_AUDIENCE: "$PUSH_AUDIENCE"
 PUSH_SERVICE_ACCOUNTS: "$PUSH_SA"
+API_AUTH: "$API_AUTH"
+API_AUDIENCES: "$API_AUDIENCES"
+API_ALLOWED_PRINCIPALS: "$API_ALLOWED_PRINCIPALS"
 EOF
     gcloud run jobs deploy "${SERVICE_NAME}-migrate" --image="$IMAGE" --region="$REGION" \
         --service-account="$RECEIVER_SA" --set-cloudsql-instances="$DB_INSTANCE_CONNECTION_NAME" \

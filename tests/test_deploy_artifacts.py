@@ -129,8 +129,11 @@ def manifest() -> Json:
     return _load(MANIFEST.read_text())
 
 
-def _render(tmp_path: Path, *args: str) -> str:
-    result = subprocess.run(
+API_PRINCIPAL = "ops@example.com"
+
+
+def _run_render(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         ["bash", str(ROOT / "scripts" / "deploy.sh"), "--render-only", "--project", PROJECT, *args],
         capture_output=True,
         text=True,
@@ -138,6 +141,10 @@ def _render(tmp_path: Path, *args: str) -> str:
         timeout=60,
         check=False,
     )
+
+
+def _render(tmp_path: Path, *args: str) -> str:
+    result = _run_render(tmp_path, "--api-principals", API_PRINCIPAL, *args)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -235,11 +242,21 @@ def test_rendered_manifest_is_a_valid_production_configuration(
     settings = Settings(_env_file=None, **values)
     assert settings.env == "production"
     assert settings.effective_push_auth == push_auth
+    # With the invoker check off the app guards /v1 itself; behind Cloud Run IAM it need not.
+    assert settings.effective_api_auth == ("oidc" if push_auth == "oidc" else "none")
+    if push_auth == "oidc":
+        assert settings.api_allowed_principals == [API_PRINCIPAL]
     assert settings.effective_llm_provider == "openai"
     assert settings.push_service_accounts == [
         f"consensus-push-invoker@{PROJECT}.iam.gserviceaccount.com"
     ]
     assert settings.effective_push_deadline_seconds < _revision_spec(rendered)["timeoutSeconds"]
+
+
+def test_oidc_deploy_refuses_to_leave_the_api_open(tmp_path: Path) -> None:
+    result = _run_render(tmp_path, "--push-auth", "oidc")
+    assert result.returncode != 0
+    assert "--api-principals" in result.stderr
 
 
 # --- scripts: gcloud calls, through a fake gcloud that records them ----------------------------
@@ -404,6 +421,8 @@ def test_deploy_builds_migrates_and_replaces(gcloud: FakeGcloud) -> None:
     image = f"us-central1-docker.pkg.dev/{PROJECT}/consensus-engine/consensus-engine:t1"
     commands = [call[:3] for call in gcloud.calls()]
     assert commands == [
+        # Who may call /v1 (oidc mode), when --api-principals is not given: the deployer.
+        ["config", "get-value", "account"],
         ["builds", "submit", str(ROOT)],
         ["run", "jobs", "deploy"],
         ["run", "services", "replace"],
@@ -416,6 +435,7 @@ def test_deploy_builds_migrates_and_replaces(gcloud: FakeGcloud) -> None:
     assert _flag(job, "command") == "alembic" and _flag(job, "args") == "upgrade,head"
     replaced = _load(Path(f"{gcloud.log}.replaced.yaml").read_text())
     assert _container(replaced)["image"] == image
+    assert _env_values(replaced)["API_ALLOWED_PRINCIPALS"] == "fake-project"
     assert "https://x/pubsub/push" in result.stdout
 
 

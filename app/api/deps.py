@@ -9,8 +9,8 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.api.errors import ApiError
+from app.auth import Authenticator, AuthError
 from app.publish import OutboxRelay
-from app.push.auth import PushAuthenticator
 from app.service import PushReceiver
 from app.settings import Settings
 from app.store.runs import RunStore
@@ -23,7 +23,8 @@ class Services:
     store: RunStore
     receiver: PushReceiver
     outbox: OutboxRelay
-    authenticator: PushAuthenticator
+    authenticator: Authenticator
+    api_authenticator: Authenticator
     head_revision: str | None
     schema_current: bool = False
 
@@ -43,6 +44,15 @@ def get_ready_services(request: Request) -> Services:
             "database schema is not at the current migration; run `alembic upgrade head`",
         )
     return services
+
+
+async def require_api_caller(request: Request) -> str | None:
+    """Guard for `/v1`: the caller's verified email, or 401/403/503 in the error shape."""
+    services = get_services(request)
+    try:
+        return await services.api_authenticator.verify(request.headers.get("authorization"))
+    except AuthError as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

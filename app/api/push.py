@@ -7,7 +7,7 @@ from loguru import logger
 
 from app.api.deps import ReadyServicesDep
 from app.api.errors import error_response
-from app.push.auth import PushAuthError
+from app.auth import AuthError
 from app.push.policy import Outcome, status_for
 
 router = APIRouter(tags=["push"])
@@ -25,7 +25,7 @@ async def pubsub_push(request: Request, services: ReadyServicesDep) -> Response:
     """Receive one push delivery; 2xx acknowledges it, anything else makes Pub/Sub redeliver."""
     try:
         email = await services.authenticator.verify(request.headers.get("authorization"))
-    except PushAuthError as exc:
+    except AuthError as exc:
         logger.warning("push delivery refused: {}", exc.message, status=exc.status)
         return error_response(exc.status, exc.code, exc.message)
     if email is not None:

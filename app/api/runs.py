@@ -6,10 +6,10 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from loguru import logger
 
-from app.api.deps import ReadyServicesDep
+from app.api.deps import ReadyServicesDep, require_api_caller
 from app.api.errors import ApiError
 from app.api.schemas import (
     FullReviewAccepted,
@@ -24,7 +24,7 @@ from app.domain.models import TokenUsage
 from app.domain.personas import PERSONAS
 from app.store.tables import Run
 
-router = APIRouter(prefix="/v1", tags=["runs"])
+router = APIRouter(prefix="/v1", tags=["runs"], dependencies=[Depends(require_api_caller)])
 _PERSONA_ORDER = {p.persona_id: index for index, p in enumerate(PERSONAS)}
 
 

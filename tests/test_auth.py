@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from loguru import logger
 
-from app.push.auth import (
+from app.auth import (
+    AuthError,
     CloudRunIamAuthenticator,
     NoAuthenticator,
     OidcAuthenticator,
-    PushAuthError,
     build_authenticator,
 )
 from app.push.envelope import encode_wrapped
@@ -218,8 +218,8 @@ def oidc(make_oidc: MakeOidc) -> OidcAuthenticator:
     return make_oidc()
 
 
-async def _rejected(call: Awaitable[object], status: int) -> PushAuthError:
-    with pytest.raises(PushAuthError) as caught:
+async def _rejected(call: Awaitable[object], status: int) -> AuthError:
+    with pytest.raises(AuthError) as caught:
         await call
     assert caught.value.status == status
     assert (
@@ -509,7 +509,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_fetch(
 async def test_certs_endpoint_down_is_503(make_oidc: MakeOidc, key: SigningKey) -> None:
     oidc = make_oidc(certs_url=f"http://127.0.0.1:{_unused_port()}/certs")
     error = await _rejected(oidc.verify(_bearer(_sign(key))), 503)
-    assert error.message == "push authentication temporarily unavailable"
+    assert error.message == "authentication temporarily unavailable"
 
 
 @pytest.mark.parametrize(
@@ -721,3 +721,70 @@ async def test_push_endpoint_answers_503_when_certs_are_unreachable(
         assert response.status_code == 503
         assert response.json()["code"] == "auth_unavailable"
         assert llm.calls() == []
+
+
+# --- the /v1 API with API_AUTH=oidc ------------------------------------------------------------
+
+
+async def test_api_requires_an_allowed_caller(
+    make_settings: Callable[..., Settings],
+    certs_server: CertsServer,
+    key: SigningKey,
+    llm: FakeOpenAI,
+) -> None:
+    operator = "ops@example.com"
+    gcloud_audience = "32555940559.apps.googleusercontent.com"
+    settings = make_settings(
+        api_auth="oidc",
+        api_allowed_principals=operator,
+        push_oidc_certs_url=certs_server.url,
+    )
+    assert settings.api_audiences == [gcloud_audience]
+    async with running_app(settings) as (_, client):
+        anonymous = await client.get("/v1/runs")
+        assert anonymous.status_code == 401
+        assert anonymous.json()["code"] == "unauthorized"
+
+        stranger = _bearer(_sign(key, email=OTHER, aud=gcloud_audience))
+        refused = await client.get("/v1/runs", headers={"authorization": stranger})
+        assert refused.status_code == 403
+
+        wrong_audience = _bearer(_sign(key, email=operator))
+        assert (
+            await client.get("/v1/runs", headers={"authorization": wrong_audience})
+        ).status_code == 401
+
+        allowed = {"authorization": _bearer(_sign(key, email=operator, aud=gcloud_audience))}
+        assert (await client.get("/v1/runs", headers=allowed)).status_code == 200
+        submitted = await client.post("/v1/full-review", json={"idea": "An idea."}, headers=allowed)
+        assert submitted.status_code == 202
+
+        # Liveness, readiness and the push endpoint (PUSH_AUTH=none here) are not /v1's business.
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/ready")).status_code == 200
+        body = encode_wrapped({"idea": "Another idea."}, "api-1", "projects/p/subscriptions/s")
+        assert (await client.post("/pubsub/push", content=body)).status_code == 204
+
+
+def test_api_oidc_without_principals_is_refused() -> None:
+    with pytest.raises(ValueError, match="API_ALLOWED_PRINCIPALS"):
+        Settings(_env_file=None, api_auth="oidc")
+
+
+def test_production_guards_the_api_when_push_auth_is_oidc() -> None:
+    production: dict[str, Any] = {
+        "env": "production",
+        "openai_api_key": "sk-x",
+        "database_url": "postgresql://db/x",
+        "pubsub_project_id": "p",
+        "push_audience": AUDIENCE,
+        "push_service_accounts": PUSHER,
+    }
+    with pytest.raises(ValueError, match="API_ALLOWED_PRINCIPALS"):
+        Settings(_env_file=None, **production)
+    with pytest.raises(ValueError, match="needs API_AUTH=oidc"):
+        Settings(_env_file=None, api_auth="none", **production)
+    guarded = Settings(_env_file=None, api_allowed_principals="ops@example.com", **production)
+    assert guarded.effective_api_auth == "oidc"
+    behind_iam = Settings(_env_file=None, **{**production, "push_auth": "cloud-run-iam"})
+    assert behind_iam.effective_api_auth == "none"

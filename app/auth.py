@@ -1,10 +1,13 @@
-"""Authentication of Pub/Sub push deliveries (SPEC §3.3).
+"""Authentication with Google-signed OIDC tokens: push deliveries (SPEC §3.3) and the /v1 API.
 
-`build_authenticator` picks the mode from `PUSH_AUTH`:
+`build_authenticator` picks the push mode from `PUSH_AUTH`:
 
 - `oidc`: the app verifies Google's signed OIDC token itself, with certificates cached in memory;
 - `cloud-run-iam`: Cloud Run verified the token already, the app only pins the service account;
 - `none`: development only, everything is accepted.
+
+`build_api_authenticator` does the same for `/v1` from `API_AUTH` (`oidc` or `none`): with
+`PUSH_AUTH=oidc` Cloud Run's invoker check is off, so the app must guard its API itself.
 
 No token, header value or raw google-auth error text ever reaches a log line or an error
 message: several google-auth messages quote the token they failed to parse.
@@ -17,7 +20,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -47,7 +50,7 @@ AuthCode = Literal["unauthorized", "forbidden", "auth_unavailable"]
 _CODES: dict[int, AuthCode] = {401: "unauthorized", 403: "forbidden", 503: "auth_unavailable"}
 
 
-class PushAuthError(Exception):
+class AuthError(Exception):
     """A delivery failed authentication; `status` and `message` are safe to send back."""
 
     def __init__(self, status: Literal[401, 403, 503], message: str) -> None:
@@ -57,15 +60,15 @@ class PushAuthError(Exception):
         self.message = message
 
 
-def _unauthorized(message: str = "invalid bearer token") -> PushAuthError:
-    return PushAuthError(401, message)
+def _unauthorized(message: str = "invalid bearer token") -> AuthError:
+    return AuthError(401, message)
 
 
-class PushAuthenticator(Protocol):
-    """Checks the `Authorization` header of one push delivery."""
+class Authenticator(Protocol):
+    """Checks the `Authorization` header of one request."""
 
     async def verify(self, authorization: str | None) -> str | None:
-        """Return the verified caller email (None when auth is off) or raise PushAuthError."""
+        """Return the verified caller email (None when auth is off) or raise AuthError."""
         ...
 
     async def aclose(self) -> None:
@@ -73,7 +76,7 @@ class PushAuthenticator(Protocol):
         ...
 
 
-def build_authenticator(settings: Settings) -> PushAuthenticator:
+def build_authenticator(settings: Settings) -> Authenticator:
     """The authenticator for `settings.effective_push_auth`."""
     mode = settings.effective_push_auth
     if mode == "oidc":
@@ -89,8 +92,19 @@ def build_authenticator(settings: Settings) -> PushAuthenticator:
     return NoAuthenticator()
 
 
+def build_api_authenticator(settings: Settings) -> Authenticator:
+    """The authenticator for the `/v1` API (`settings.effective_api_auth`)."""
+    if settings.effective_api_auth == "oidc":
+        return OidcAuthenticator(
+            audience=settings.api_audiences,
+            service_accounts=settings.api_allowed_principals,
+            certs_url=settings.push_oidc_certs_url,
+        )
+    return NoAuthenticator()
+
+
 class NoAuthenticator:
-    """`PUSH_AUTH=none`: accepts every delivery (settings refuse it in production)."""
+    """`none`: accepts every request (settings refuse it where it would leave a hole)."""
 
     async def verify(self, authorization: str | None) -> str | None:
         """Accept without looking at the header."""
@@ -114,7 +128,7 @@ class CloudRunIamAuthenticator:
             # there is nothing left to verify here; only the claims are read.
             claims = jwt.decode(token, verify=False)  # type: ignore[no-untyped-call]
         except (google_exceptions.GoogleAuthError, ValueError, TypeError):
-            logger.warning("push auth rejected: undecodable token")
+            logger.warning("auth rejected: undecodable token")
             raise _unauthorized() from None
         return _pin_email(claims, self._allowed)
 
@@ -140,7 +154,7 @@ class OidcAuthenticator:
     def __init__(
         self,
         *,
-        audience: str,
+        audience: str | Sequence[str],
         service_accounts: Iterable[str],
         certs_url: str,
         clock: Callable[[], float] = time.monotonic,
@@ -148,7 +162,8 @@ class OidcAuthenticator:
         min_refetch_interval: float = MIN_REFETCH_INTERVAL_SECONDS,
         default_max_age: float = DEFAULT_CERTS_MAX_AGE_SECONDS,
     ) -> None:
-        self._audience = audience
+        # google-auth accepts a token whose `aud` is any of a list.
+        self._audience = audience if isinstance(audience, str) else list(audience)
         self._allowed = _normalise_accounts(service_accounts)
         self._certs_url = certs_url
         self._clock = clock
@@ -162,7 +177,7 @@ class OidcAuthenticator:
         self._inflight: asyncio.Task[_CertCache] | None = None
 
     async def verify(self, authorization: str | None) -> str | None:
-        """Return the verified service-account email or raise PushAuthError."""
+        """Return the verified caller's email or raise AuthError."""
         token = _bearer_token(authorization)
         key_id = _signing_key_id(token)
         pem = await self._certificate(key_id)
@@ -176,10 +191,10 @@ class OidcAuthenticator:
             )
         except google_exceptions.InvalidValue as error:
             # InvalidValue covers time and audience checks, whose text holds no token part.
-            logger.warning("push auth rejected: {}", str(error)[:200])
+            logger.warning("auth rejected: {}", str(error)[:200])
             raise _unauthorized() from None
         except (google_exceptions.GoogleAuthError, ValueError, TypeError):
-            logger.warning("push auth rejected: malformed token or bad signature")
+            logger.warning("auth rejected: malformed token or bad signature")
             raise _unauthorized() from None
         _check_google_claims(claims)
         return _pin_email(claims, self._allowed)
@@ -189,7 +204,7 @@ class OidcAuthenticator:
         inflight, self._inflight = self._inflight, None
         if inflight is not None and not inflight.done():
             inflight.cancel()
-            with contextlib.suppress(asyncio.CancelledError, PushAuthError):
+            with contextlib.suppress(asyncio.CancelledError, AuthError):
                 await inflight
         self._session.close()
 
@@ -206,7 +221,7 @@ class OidcAuthenticator:
             pem = cache.certs.get(key_id)
             if pem is not None:
                 return pem
-        logger.warning("push auth rejected: unknown signing key id")
+        logger.warning("auth rejected: unknown signing key id")
         raise _unauthorized()
 
     async def _fresh_certs(self) -> _CertCache:
@@ -248,8 +263,8 @@ class OidcAuthenticator:
         return certs, _max_age(response.headers, self._default_max_age)
 
 
-def _unavailable() -> PushAuthError:
-    return PushAuthError(503, "push authentication temporarily unavailable")
+def _unavailable() -> AuthError:
+    return AuthError(503, "authentication temporarily unavailable")
 
 
 def _parse_certs(body: bytes) -> dict[str, str] | None:
@@ -289,15 +304,15 @@ def _max_age(headers: Mapping[str, str], default: float) -> float:
 
 def _bearer_token(authorization: str | None) -> str:
     if not authorization:
-        logger.warning("push auth rejected: no Authorization header")
+        logger.warning("auth rejected: no Authorization header")
         raise _unauthorized("missing bearer token")
     scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token or " " in token:
-        logger.warning("push auth rejected: Authorization header is not a bearer token")
+        logger.warning("auth rejected: Authorization header is not a bearer token")
         raise _unauthorized("missing bearer token")
     if len(token) > MAX_TOKEN_CHARS:
-        logger.warning("push auth rejected: token too long")
+        logger.warning("auth rejected: token too long")
         raise _unauthorized()
     return token
 
@@ -307,42 +322,42 @@ def _signing_key_id(token: str) -> str:
     try:
         header = jwt.decode_header(token)  # type: ignore[no-untyped-call]
     except (google_exceptions.GoogleAuthError, ValueError, TypeError):
-        logger.warning("push auth rejected: undecodable token header")
+        logger.warning("auth rejected: undecodable token header")
         raise _unauthorized() from None
     if header.get("alg") != "RS256":
-        logger.warning("push auth rejected: signing algorithm is not RS256")
+        logger.warning("auth rejected: signing algorithm is not RS256")
         raise _unauthorized()
     key_id = header.get("kid")
     if not isinstance(key_id, str) or not key_id:
-        logger.warning("push auth rejected: token has no key id")
+        logger.warning("auth rejected: token has no key id")
         raise _unauthorized()
     return key_id
 
 
 def _check_google_claims(claims: Mapping[str, Any]) -> None:
     if claims.get("iss") not in GOOGLE_ISSUERS:
-        logger.warning("push auth rejected: issuer is not Google")
+        logger.warning("auth rejected: issuer is not Google")
         raise _unauthorized()
     # google-auth checks `iat` only; honour `nbf` too should a token carry one.
     not_before = claims.get("nbf")
     if not_before is not None and (
         not isinstance(not_before, int | float) or time.time() + CLOCK_SKEW_SECONDS < not_before
     ):
-        logger.warning("push auth rejected: token not valid yet")
+        logger.warning("auth rejected: token not valid yet")
         raise _unauthorized()
     if claims.get("email_verified") is not True:
-        logger.warning("push auth rejected: email not verified")
+        logger.warning("auth rejected: email not verified")
         raise _unauthorized()
 
 
 def _pin_email(claims: Mapping[str, Any], allowed: frozenset[str]) -> str:
     email = claims.get("email")
     if not isinstance(email, str) or not email:
-        logger.warning("push auth rejected: token has no email claim")
+        logger.warning("auth rejected: token has no email claim")
         raise _unauthorized()
     if allowed and email.lower() not in allowed:
-        logger.warning("push auth rejected: service account {} not allowed", email[:254])
-        raise PushAuthError(403, "service account not allowed to push")
+        logger.warning("auth rejected: {} not allowed", email[:254])
+        raise AuthError(403, "caller not allowed")
     return email
 
 
