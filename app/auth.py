@@ -51,7 +51,7 @@ _CODES: dict[int, AuthCode] = {401: "unauthorized", 403: "forbidden", 503: "auth
 
 
 class AuthError(Exception):
-    """A delivery failed authentication; `status` and `message` are safe to send back."""
+    """A request failed authentication; `status` and `message` are safe to send back."""
 
     def __init__(self, status: Literal[401, 403, 503], message: str) -> None:
         super().__init__(message)
@@ -243,7 +243,7 @@ class OidcAuthenticator:
         certs, max_age = await asyncio.to_thread(self._fetch_certs)
         cache = _CertCache(certs=certs, expires_at=started + max_age)
         self._cache = cache
-        logger.info("push auth: fetched {} signing certificates for {:.0f} s", len(certs), max_age)
+        logger.info("auth: fetched {} signing certificates for {:.0f} s", len(certs), max_age)
         return cache
 
     def _fetch_certs(self) -> tuple[dict[str, str], float]:
@@ -251,14 +251,14 @@ class OidcAuthenticator:
         try:
             response = self._request(self._certs_url, method="GET", timeout=self._fetch_timeout)
         except (google_exceptions.GoogleAuthError, requests.RequestException, OSError) as error:
-            logger.error("push auth: certificates endpoint unreachable ({})", type(error).__name__)
+            logger.error("auth: certificates endpoint unreachable ({})", type(error).__name__)
             raise _unavailable() from None
         if response.status != 200:
-            logger.error("push auth: certificates endpoint answered {}", response.status)
+            logger.error("auth: certificates endpoint answered {}", response.status)
             raise _unavailable()
         certs = _parse_certs(response.data)
         if certs is None:
-            logger.error("push auth: certificates endpoint answered an unusable document")
+            logger.error("auth: certificates endpoint answered an unusable document")
             raise _unavailable()
         return certs, _max_age(response.headers, self._default_max_age)
 
@@ -284,7 +284,7 @@ def _parse_certs(body: bytes) -> dict[str, str] | None:
             # every verification that names it.
             crypt.RSAVerifier.from_string(pem)  # type: ignore[no-untyped-call]
         except (ValueError, TypeError):
-            logger.warning("push auth: ignoring unusable certificate for key id {!r}", key_id[:64])
+            logger.warning("auth: ignoring unusable certificate for key id {!r}", key_id[:64])
             continue
         certs[key_id] = pem
     return certs or None
