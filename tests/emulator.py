@@ -7,13 +7,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx2
 import pytest
 
-from tests.procs import free_port
+from tests.procs import free_port, wait_for_http
 
 KNOWN_LAUNCHER = Path(
     "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator"
@@ -55,17 +54,8 @@ class PubSubEmulator:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"emulator exited: {self._log_path.read_text()[-2000:]}")
-            try:
-                if httpx2.get(f"http://{self.host}/", timeout=1).status_code == 200:
-                    return self
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("emulator did not start")
+        wait_for_http(self._process, f"http://{self.host}/", timeout, self._log_path.read_text)
+        return self
 
     def stop(self) -> None:
         if self._process is None or self._process.poll() is not None:
@@ -96,6 +86,12 @@ class PubSubEmulator:
                 "pushConfig": {"pushEndpoint": endpoint},
             },
         )
+
+    def create_push_topology(self, topic: str, endpoint: str, ack_deadline: int = 60) -> str:
+        """The topic and a push subscription `<topic>-sub` to `endpoint`; returns its name."""
+        self.create_topic(topic)
+        self.create_push_subscription(f"{topic}-sub", topic, endpoint, ack_deadline)
+        return f"projects/{PROJECT}/subscriptions/{topic}-sub"
 
     def publish(self, topic: str, payloads: list[bytes]) -> list[str]:
         messages = [{"data": base64.b64encode(p).decode()} for p in payloads]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
@@ -15,7 +14,7 @@ from app.store.runs import RunStore
 from tests.conftest import StartApp
 from tests.emulator import PROJECT, PubSubEmulator
 from tests.fakes.openai_server import FakeOpenAI
-from tests.procs import AppProcess
+from tests.procs import AppProcess, eventually
 
 
 @pytest.fixture
@@ -28,18 +27,12 @@ def emulator(tmp_path: Path) -> Iterator[PubSubEmulator]:
 
 
 def start_receiver(
-    start_app: StartApp, emulator: PubSubEmulator, topic: str, **env: str
+    start_app: StartApp, emulator: PubSubEmulator, topic: str, ack_deadline: int = 60, **env: str
 ) -> AppProcess:
-    return start_app(PUBSUB_EMULATOR_HOST=emulator.host, PUBSUB_TOPIC=topic, **env)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+    """An app publishing to `topic`, and the emulator's push subscription pointed at it."""
+    app = start_app(PUBSUB_EMULATOR_HOST=emulator.host, PUBSUB_TOPIC=topic, **env)
+    emulator.create_push_topology(topic, f"{app.url}/pubsub/push", ack_deadline)
+    return app
 
 
 async def run_status(client: httpx2.AsyncClient, run_id: str) -> str:
@@ -55,9 +48,7 @@ async def completed_count(store: RunStore) -> int:
 async def test_twenty_published_jobs_each_complete_exactly_once(
     emulator: PubSubEmulator, start_app: StartApp, store: RunStore, llm: FakeOpenAI
 ) -> None:
-    app = start_receiver(start_app, emulator, "jobs-twenty")
-    emulator.create_topic("jobs-twenty")
-    emulator.create_push_subscription("jobs-twenty-sub", "jobs-twenty", f"{app.url}/pubsub/push")
+    start_receiver(start_app, emulator, "jobs-twenty")
 
     ideas = [
         json.dumps({"idea": f"Idea number {i} for a shared tool."}).encode() for i in range(20)
@@ -83,11 +74,7 @@ async def test_redelivery_during_a_slow_run_does_not_run_it_twice(
     # outstanding and sends it after the late answer (real Pub/Sub may send it meanwhile: that
     # case, a live lease and 409, is covered against PostgreSQL in test_delivery_contract).
     llm.step_delay["expand"] = 5.0
-    app = start_receiver(start_app, emulator, "jobs-slow", RUN_LEASE_SECONDS="30")
-    emulator.create_topic("jobs-slow")
-    emulator.create_push_subscription(
-        "jobs-slow-sub", "jobs-slow", f"{app.url}/pubsub/push", ack_deadline=2
-    )
+    app = start_receiver(start_app, emulator, "jobs-slow", ack_deadline=2, RUN_LEASE_SECONDS="30")
     emulator.publish(
         "jobs-slow", [json.dumps({"idea": f"Slow idea {i}."}).encode() for i in (1, 2)]
     )
@@ -105,11 +92,7 @@ async def test_redelivery_during_a_slow_run_does_not_run_it_twice(
 async def test_garbage_message_is_acknowledged_and_quarantined_once(
     emulator: PubSubEmulator, start_app: StartApp, store: RunStore, llm: FakeOpenAI
 ) -> None:
-    app = start_receiver(start_app, emulator, "jobs-garbage")
-    emulator.create_topic("jobs-garbage")
-    emulator.create_push_subscription(
-        "jobs-garbage-sub", "jobs-garbage", f"{app.url}/pubsub/push", ack_deadline=2
-    )
+    start_receiver(start_app, emulator, "jobs-garbage", ack_deadline=2)
     [message_id] = emulator.publish("jobs-garbage", [b"\x00 definitely not a job"])
 
     async def quarantined() -> bool:
@@ -128,8 +111,6 @@ async def test_api_publishes_through_the_emulator_to_the_push_endpoint(
     emulator: PubSubEmulator, start_app: StartApp, store: RunStore, llm: FakeOpenAI
 ) -> None:
     app = start_receiver(start_app, emulator, "jobs-api")
-    emulator.create_topic("jobs-api")
-    emulator.create_push_subscription("jobs-api-sub", "jobs-api", f"{app.url}/pubsub/push")
 
     async with httpx2.AsyncClient(base_url=app.url, timeout=30) as client:
         response = await client.post("/v1/full-review", json={"idea": "A repair café finder."})
@@ -161,10 +142,7 @@ async def test_a_run_submitted_while_pubsub_is_down_is_published_later(
             assert queued is not None and queued.published_at is None
 
             emulator.start()
-            emulator.create_topic("jobs-outbox")
-            emulator.create_push_subscription(
-                "jobs-outbox-sub", "jobs-outbox", f"{app.url}/pubsub/push"
-            )
+            emulator.create_push_topology("jobs-outbox", f"{app.url}/pubsub/push")
 
             async def done() -> bool:
                 return await run_status(client, run_id) == "completed"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable
 
 import httpx2
 import pytest
@@ -15,18 +14,10 @@ from app.store.runs import RunStore
 from app.store.tables import Run
 from tests.conftest import StartApp
 from tests.fakes.openai_server import USAGE, FakeOpenAI
-from tests.procs import AppProcess
+from tests.procs import AppProcess, eventually
 from tests.test_push_pipeline import SUBSCRIPTION
 
 SLOW_PERSONAS = ("optimist", "security_guardian", "user_advocate")
-
-
-async def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def deliver(url: str, body: bytes) -> int:
@@ -43,18 +34,17 @@ async def start_slow_run(
     run = await store.create_run("A community tool library.", None)
     body = encode_wrapped({"run_id": run.id}, "m-lifecycle", SUBSCRIPTION)
     in_flight = asyncio.create_task(deliver(process.url, body))
-    await wait_until(lambda: len(llm.calls()) == 6, 20, "all six LLM calls in flight")
-    await wait_until_checkpointed(store, run.id, 3)
+
+    async def all_calls_in_flight() -> bool:
+        return len(llm.calls()) == 6
+
+    async def fast_steps_checkpointed() -> bool:
+        stored = await store.get_run(run.id)
+        return stored is not None and sum(s.status == "completed" for s in stored.steps) >= 3
+
+    await eventually(all_calls_in_flight, 20, "all six LLM calls in flight")
+    await eventually(fast_steps_checkpointed, 10, "expand and two reviews checkpointed")
     return run, body, in_flight
-
-
-async def wait_until_checkpointed(store: RunStore, run_id: str, steps: int) -> None:
-    for _ in range(200):
-        run = await store.get_run(run_id)
-        if run and sum(s.status == "completed" for s in run.steps) >= steps:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("checkpoints never appeared")
 
 
 async def redeliver_until_acknowledged(url: str, body: bytes, seconds: float) -> list[int]:
