@@ -31,6 +31,10 @@ class StepFailedPermanent(PermanentError):
     """A pipeline step failed in a way that retrying cannot fix."""
 
 
+class ProviderMisconfigured(TransientError):
+    """The LLM provider rejects every request (bad key, no access, unknown model) until fixed."""
+
+
 class StoreUnavailable(TransientError):
     """The database could not be reached or the connection broke."""
 
