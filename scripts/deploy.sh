@@ -13,10 +13,12 @@ Usage: scripts/deploy.sh [options]
      its schema is behind)
   3. renders infra/cloudrun/service.yaml (every ${NAME} placeholder) and applies it with
      gcloud run services replace
-  4. prints the service URL and the push endpoint
+  4. prints the service URL and the endpoints that Pub/Sub and Cloud Scheduler call
+     (/pubsub/push, /pubsub/dead-letter, /tasks/sweep)
 
 Run scripts/setup_gcp.sh first (APIs, service accounts, secret, repository, topics) and
-again after the first deploy (the push subscription needs the URL printed here).
+again after the first deploy (the push subscriptions and the sweep job need the URL printed
+here).
 
 Options (environment variable in brackets; flags win over the environment):
   --project ID           Google Cloud project [PROJECT_ID; default: gcloud config]
@@ -251,5 +253,7 @@ URL="$(gcloud run services describe "$SERVICE_NAME" --region="$REGION" \
 step "deployed"
 echo "    service URL:   $URL"
 echo "    push endpoint: ${URL%/}/pubsub/push"
-echo "    next, if the push subscription does not point there yet:"
+echo "    dead letters:  ${URL%/}/pubsub/dead-letter"
+echo "    sweep:         ${URL%/}/tasks/sweep (Cloud Scheduler, every minute)"
+echo "    next, if the push subscriptions and the sweep job do not point there yet:"
 echo "      scripts/setup_gcp.sh --project=$PROJECT_ID --region=$REGION --service=$SERVICE_NAME --push-auth=$PUSH_AUTH --audience=$PUSH_AUDIENCE"

@@ -7,24 +7,37 @@ usage() {
 Usage: scripts/setup_gcp.sh [options]
 
 Creates, or brings up to date, everything the push receiver needs around it:
-  - APIs: run, pubsub, sqladmin, secretmanager, artifactregistry, iam, cloudbuild
+  - APIs: run, pubsub, sqladmin, secretmanager, artifactregistry, iam, cloudbuild,
+    cloudscheduler
   - Artifact Registry Docker repository for the image
   - service accounts: the receiver (Cloud Run runtime) and the push identity
   - the OpenAI key secret (empty; you add its value) and the receiver's access to it
   - topic, dead-letter topic with a pull subscription that keeps dead letters, and the
     push subscription to <service-url>/pubsub/push (OIDC token, ack deadline, retry
     policy, dead-letter policy)
+  - the dead-letter push subscription to <service-url>/pubsub/dead-letter (same OIDC
+    identity and audience; no dead-letter policy of its own)
+  - the Cloud Scheduler job that POSTs <service-url>/tasks/sweep every minute with an
+    OIDC token of the push identity (stale-run sweep and outbox relay)
   - IAM: receiver -> cloudsql.client, cloudsql.instanceUser, secretAccessor on the
     secret, pubsub.publisher on the topic; Pub/Sub service agent -> token creator on
     the push identity, publisher on the dead-letter topic, subscriber on the push
-    subscription; push identity -> run.invoker (cloud-run-iam mode only)
+    subscription; push identity -> run.invoker (cloud-run-iam mode only; it covers the
+    sweep job too)
   - Cloud SQL (when the instance exists): the receiver's IAM database user and the database
 
 Every step checks what exists first (describe before create, update when it exists);
 IAM bindings are added idempotently. Safe to run again at any time.
 
-Order: run this, then scripts/deploy.sh, then this again (the push subscription needs the
-service URL; it is looked up from the deployed service or taken from --service-url).
+Order: run this, then scripts/deploy.sh, then this again (the push subscriptions and the
+sweep job need the service URL; it is looked up from the deployed service or taken from
+--service-url).
+
+Who runs it needs, besides admin rights on what it creates (roles/cloudscheduler.admin for
+the job), iam.serviceAccounts.actAs on the push identity (roles/iam.serviceAccountUser on
+it; owners have both): both push subscriptions and the Cloud Scheduler job sign their
+tokens as that account. Cloud Scheduler's service agent gets its own role by itself when
+the API is enabled.
 
 Options (environment variable in brackets; flags win over the environment):
   --project ID             Google Cloud project [PROJECT_ID; default: gcloud config]
@@ -36,6 +49,13 @@ Options (environment variable in brackets; flags win over the environment):
   --dlq-topic NAME         dead-letter topic [PUBSUB_DLQ_TOPIC; consensus-engine-jobs-dlq]
   --dlq-subscription NAME  pull subscription on the dead-letter topic
                            [PUBSUB_DLQ_SUBSCRIPTION; consensus-engine-jobs-dlq-sub]
+  --dlq-push-subscription NAME
+                           push subscription on the dead-letter topic, to /pubsub/dead-letter
+                           [PUBSUB_DLQ_PUSH_SUBSCRIPTION; consensus-engine-jobs-dlq-push]
+  --scheduler-job NAME     Cloud Scheduler job that POSTs /tasks/sweep
+                           [SCHEDULER_JOB; consensus-engine-sweep]
+  --scheduler-location LOC Cloud Scheduler region [SCHEDULER_LOCATION; the --region]
+  --sweep-schedule CRON    when the sweep runs [SWEEP_SCHEDULE; "* * * * *", every minute]
   --receiver-sa NAME       receiver service account id [RECEIVER_SA_NAME; consensus-receiver]
   --push-sa NAME           push service account id [PUSH_SA_NAME; consensus-push-invoker]
   --push-auth MODE         oidc | cloud-run-iam [PUSH_AUTH; oidc]
@@ -61,6 +81,10 @@ PUBSUB_TOPIC="${PUBSUB_TOPIC:-consensus-engine-jobs}"
 PUBSUB_SUBSCRIPTION="${PUBSUB_SUBSCRIPTION:-consensus-engine-jobs-sub}"
 PUBSUB_DLQ_TOPIC="${PUBSUB_DLQ_TOPIC:-consensus-engine-jobs-dlq}"
 PUBSUB_DLQ_SUBSCRIPTION="${PUBSUB_DLQ_SUBSCRIPTION:-consensus-engine-jobs-dlq-sub}"
+PUBSUB_DLQ_PUSH_SUBSCRIPTION="${PUBSUB_DLQ_PUSH_SUBSCRIPTION:-consensus-engine-jobs-dlq-push}"
+SCHEDULER_JOB="${SCHEDULER_JOB:-consensus-engine-sweep}"
+SCHEDULER_LOCATION="${SCHEDULER_LOCATION:-}"
+SWEEP_SCHEDULE="${SWEEP_SCHEDULE:-* * * * *}"
 RECEIVER_SA_NAME="${RECEIVER_SA_NAME:-consensus-receiver}"
 PUSH_SA_NAME="${PUSH_SA_NAME:-consensus-push-invoker}"
 PUSH_AUTH="${PUSH_AUTH:-oidc}"
@@ -98,6 +122,10 @@ while [[ $# -gt 0 ]]; do
         --subscription) need_value "$@"; PUBSUB_SUBSCRIPTION="$2"; shift 2 ;;
         --dlq-topic) need_value "$@"; PUBSUB_DLQ_TOPIC="$2"; shift 2 ;;
         --dlq-subscription) need_value "$@"; PUBSUB_DLQ_SUBSCRIPTION="$2"; shift 2 ;;
+        --dlq-push-subscription) need_value "$@"; PUBSUB_DLQ_PUSH_SUBSCRIPTION="$2"; shift 2 ;;
+        --scheduler-job) need_value "$@"; SCHEDULER_JOB="$2"; shift 2 ;;
+        --scheduler-location) need_value "$@"; SCHEDULER_LOCATION="$2"; shift 2 ;;
+        --sweep-schedule) need_value "$@"; SWEEP_SCHEDULE="$2"; shift 2 ;;
         --receiver-sa) need_value "$@"; RECEIVER_SA_NAME="$2"; shift 2 ;;
         --push-sa) need_value "$@"; PUSH_SA_NAME="$2"; shift 2 ;;
         --push-auth) need_value "$@"; PUSH_AUTH="$2"; shift 2 ;;
@@ -135,6 +163,7 @@ if [[ -z "$PROJECT_ID" ]]; then
 fi
 [[ -n "$PROJECT_ID" ]] || die "no project: pass --project or set PROJECT_ID"
 PUSH_AUDIENCE="${PUSH_AUDIENCE:-${SERVICE_NAME}-pubsub-push}"
+SCHEDULER_LOCATION="${SCHEDULER_LOCATION:-$REGION}"
 
 RECEIVER_SA="${RECEIVER_SA_NAME}@${PROJECT_ID}.iam.gserviceaccount.com"
 PUSH_SA="${PUSH_SA_NAME}@${PROJECT_ID}.iam.gserviceaccount.com"
@@ -186,7 +215,7 @@ PUBSUB_AGENT="service-${PROJECT_NUMBER}@gcp-sa-pubsub.iam.gserviceaccount.com"
 step "APIs"
 run gcloud services enable run.googleapis.com pubsub.googleapis.com sqladmin.googleapis.com \
     secretmanager.googleapis.com artifactregistry.googleapis.com iam.googleapis.com \
-    cloudbuild.googleapis.com "${P[@]}"
+    cloudbuild.googleapis.com cloudscheduler.googleapis.com "${P[@]}"
 # The Pub/Sub service agent signs push tokens and forwards dead letters; make sure it exists.
 run gcloud beta services identity create --service=pubsub.googleapis.com "${P[@]}" ||
     echo "    (could not confirm the Pub/Sub service agent; it appears with the API)" >&2
@@ -289,7 +318,7 @@ else
     echo "    not found: create it (infra/cloudrun/README.md), then run this again"
 fi
 
-step "push subscription $PUBSUB_SUBSCRIPTION"
+step "push subscriptions and the sweep job (they need the service URL)"
 if [[ -z "$SERVICE_URL" ]]; then
     SERVICE_URL="$(gcloud run services describe "$SERVICE_NAME" --region="$REGION" \
         --format='value(status.url)' "${P[@]}" 2>/dev/null || true)"
@@ -300,6 +329,10 @@ if [[ -z "$SERVICE_URL" ]]; then
     exit 0
 fi
 PUSH_ENDPOINT="${SERVICE_URL%/}/pubsub/push"
+DEAD_LETTER_ENDPOINT="${SERVICE_URL%/}/pubsub/dead-letter"
+SWEEP_ENDPOINT="${SERVICE_URL%/}/tasks/sweep"
+
+step "push subscription $PUBSUB_SUBSCRIPTION"
 echo "    endpoint $PUSH_ENDPOINT, audience $PUSH_AUDIENCE"
 SUBSCRIPTION_FLAGS=(
     --push-endpoint="$PUSH_ENDPOINT"
@@ -324,6 +357,35 @@ fi
 run_retry gcloud pubsub subscriptions add-iam-policy-binding "$PUBSUB_SUBSCRIPTION" \
     --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.subscriber "${P[@]}" >/dev/null
 
+step "dead-letter push subscription $PUBSUB_DLQ_PUSH_SUBSCRIPTION"
+echo "    endpoint $DEAD_LETTER_ENDPOINT, audience $PUSH_AUDIENCE"
+# Every dead letter reaches both subscriptions of the dead-letter topic: this one hands it
+# to the service (re-enqueue the run while the job timeout allows, else fail it), the pull
+# subscription above keeps the raw message for operators.
+# No dead-letter policy here, on purpose: the receiver acknowledges (204) every dead
+# letter it is handed, whatever the run's state, so Pub/Sub retries only while the service
+# is unreachable, refusing (401/403) or busy (503), and retrying is then exactly right; a
+# message dead-lettered from here would have nowhere better to go, as the pull
+# subscription already keeps a copy. The 7-day retention bounds those retries.
+DLQ_PUSH_FLAGS=(
+    --push-endpoint="$DEAD_LETTER_ENDPOINT"
+    --push-auth-service-account="$PUSH_SA"
+    --push-auth-token-audience="$PUSH_AUDIENCE"
+    --ack-deadline="$ACK_DEADLINE"
+    --min-retry-delay="$MIN_RETRY_DELAY"
+    --max-retry-delay="$MAX_RETRY_DELAY"
+    --message-retention-duration=7d
+    --expiration-period=never
+)
+if exists gcloud pubsub subscriptions describe "$PUBSUB_DLQ_PUSH_SUBSCRIPTION"; then
+    # Also removes a dead-letter policy someone may have added by hand.
+    run gcloud pubsub subscriptions update "$PUBSUB_DLQ_PUSH_SUBSCRIPTION" \
+        "${DLQ_PUSH_FLAGS[@]}" --clear-dead-letter-policy "${P[@]}"
+else
+    run gcloud pubsub subscriptions create "$PUBSUB_DLQ_PUSH_SUBSCRIPTION" \
+        --topic="$PUBSUB_DLQ_TOPIC" "${DLQ_PUSH_FLAGS[@]}" "${P[@]}"
+fi
+
 if [[ "$PUSH_AUTH" == cloud-run-iam ]]; then
     step "cloud-run-iam: only the push identity may invoke $SERVICE_NAME"
     run_retry gcloud run services add-iam-policy-binding "$SERVICE_NAME" --region="$REGION" \
@@ -332,7 +394,34 @@ else
     step "oidc: the app verifies push tokens itself; no run.invoker binding needed"
 fi
 
+step "Cloud Scheduler job $SCHEDULER_JOB ($SCHEDULER_LOCATION): POST $SWEEP_ENDPOINT"
+# The stale-run sweep and the outbox relay must run even when no push arrives: with CPU
+# allocated only during requests (infra/cloudrun/README.md) an idle instance's timer barely
+# runs, and an instance scaled to zero runs nothing. So a request triggers them. The token
+# is the push identity's, with the push audience, so the app's push verification (oidc) or
+# Cloud Run's invoker check (cloud-run-iam, where that account holds run.invoker) admits it.
+# No retries: the next minute's tick is the retry. The sweep answers in well under a minute.
+SCHEDULER_FLAGS=(
+    --location="$SCHEDULER_LOCATION"
+    --schedule="$SWEEP_SCHEDULE"
+    --time-zone=Etc/UTC
+    --uri="$SWEEP_ENDPOINT"
+    --http-method=POST
+    --oidc-service-account-email="$PUSH_SA"
+    --oidc-token-audience="$PUSH_AUDIENCE"
+    --attempt-deadline=60s
+    --max-retry-attempts=0
+    --description="consensus-engine: re-enqueue stale runs, republish unpublished ones"
+)
+if exists gcloud scheduler jobs describe "$SCHEDULER_JOB" --location="$SCHEDULER_LOCATION"; then
+    run gcloud scheduler jobs update http "$SCHEDULER_JOB" "${SCHEDULER_FLAGS[@]}" "${P[@]}"
+else
+    run gcloud scheduler jobs create http "$SCHEDULER_JOB" "${SCHEDULER_FLAGS[@]}" "${P[@]}"
+fi
+
 step "done"
 echo "    jobs:         projects/$PROJECT_ID/topics/$PUBSUB_TOPIC"
 echo "    push:         $PUBSUB_SUBSCRIPTION -> $PUSH_ENDPOINT"
-echo "    dead letters: $PUBSUB_DLQ_SUBSCRIPTION (gcloud pubsub subscriptions pull $PUBSUB_DLQ_SUBSCRIPTION --project=$PROJECT_ID)"
+echo "    dead letters: $PUBSUB_DLQ_PUSH_SUBSCRIPTION -> $DEAD_LETTER_ENDPOINT"
+echo "                  $PUBSUB_DLQ_SUBSCRIPTION keeps them (gcloud pubsub subscriptions pull $PUBSUB_DLQ_SUBSCRIPTION --project=$PROJECT_ID)"
+echo "    sweep:        $SCHEDULER_JOB ($SWEEP_SCHEDULE) -> POST $SWEEP_ENDPOINT"
