@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
 from pydantic import BaseModel
@@ -32,12 +34,20 @@ class LLMResult(Generic[T]):
     model: str
 
 
+class LLMErrorKind(StrEnum):
+    """What a failed call tells the caller to do next."""
+
+    RETRYABLE = "retryable"  # the same call may succeed if repeated (429, 5xx, timeout, garbage)
+    PERMANENT = "permanent"  # this request can never succeed (a 400 about it, a refusal)
+    MISCONFIGURED = "misconfigured"  # no request can succeed until the key or model is fixed
+
+
 @dataclass
 class LLMCallError(Exception):
-    """One call failed. `retryable` says whether the same call may succeed if repeated."""
+    """One call failed; `kind` is decided by the adapter that saw the provider's answer."""
 
     message: str
-    retryable: bool
+    kind: LLMErrorKind
     retry_after: float | None = None
     usage: TokenUsage = field(default_factory=TokenUsage)
 
@@ -48,4 +58,13 @@ class LLMCallError(Exception):
 class LLM(Protocol):
     """A structured-output language model (the OpenAI adapter or the offline provider)."""
 
-    async def generate(self, request: LLMRequest[T]) -> LLMResult[T]: ...
+    def slot(self) -> AbstractAsyncContextManager[None]:
+        """One of the process-wide concurrent-call slots; hold it around `generate`.
+
+        Separate from `generate` so a caller can time the call itself, not the queueing.
+        """
+        ...
+
+    async def generate(self, request: LLMRequest[T]) -> LLMResult[T]:
+        """Send one request; call it only while holding a `slot()`."""
+        ...

@@ -11,13 +11,14 @@ from pydantic import BaseModel
 from app.domain import prompts
 from app.domain.aggregate import aggregate
 from app.domain.ideas import validate_extra_context, validate_idea
-from app.domain.llm import LLM, LLMCallError, LLMRequest, LLMResult, T
+from app.domain.llm import LLM, LLMCallError, LLMErrorKind, LLMRequest, LLMResult, T
 from app.domain.models import Decision, PersonaReview, Proposal, ReviewContent, TokenUsage
 from app.domain.personas import AGGREGATE_STEP, EXPAND_STEP, PERSONAS, Persona
 from app.domain.retry import RetryPolicy
 from app.errors import (
     InvalidRunInput,
     PermanentError,
+    ProviderMisconfigured,
     StepFailedPermanent,
     StepFailedTransient,
 )
@@ -154,36 +155,46 @@ async def _call_step(
     progress: Progress,
     config: PipelineConfig,
 ) -> LLMResult[T]:
-    """One step's LLM call under the retry policy and the step timeout."""
+    """One step's LLM call under the retry policy and the step timeout.
+
+    The attempt is counted and its timeout started only once a concurrency slot is held, so a
+    call queued behind others neither times out nor spends an attempt without being sent.
+    """
     retry_index = 0
     while True:
-        attempt = await progress.step_started(step)
-        request = LLMRequest(
-            step=step,
-            model=model,
-            temperature=temperature,
-            instructions=instructions,
-            input=text,
-            output_type=output_type,
-            client_request_id=f"{run.run_id}/{step}/{attempt}",
-        )
-        try:
-            async with asyncio.timeout(config.step_timeout):
-                result = await llm.generate(request)
-        except TimeoutError:
-            error = LLMCallError(f"timed out after {config.step_timeout:g}s", retryable=True)
-        except LLMCallError as exc:
-            error = exc
-        else:
-            return result
+        async with llm.slot():
+            attempt = await progress.step_started(step)
+            request = LLMRequest(
+                step=step,
+                model=model,
+                temperature=temperature,
+                instructions=instructions,
+                input=text,
+                output_type=output_type,
+                client_request_id=f"{run.run_id}/{step}/{attempt}",
+            )
+            try:
+                async with asyncio.timeout(config.step_timeout):
+                    return await llm.generate(request)
+            except TimeoutError:
+                error = LLMCallError(
+                    f"timed out after {config.step_timeout:g}s", LLMErrorKind.RETRYABLE
+                )
+            except LLMCallError as exc:
+                error = exc
 
         message = f"attempt {attempt}: {error}"
         await progress.attempt_failed(step, message, error.usage)
-        delay = config.retry.delay(retry_index, error.retry_after) if error.retryable else None
+        delay = None
+        if error.kind is LLMErrorKind.RETRYABLE:
+            delay = config.retry.delay(retry_index, error.retry_after)
         if delay is None:
             await progress.step_failed(step, message)
-            if error.retryable:
-                raise StepFailedTransient(f"{step} failed: {message}")
-            raise StepFailedPermanent(f"{step} failed: {message}")
+            failure = f"{step} failed: {message}"
+            if error.kind is LLMErrorKind.MISCONFIGURED:
+                raise ProviderMisconfigured(failure)
+            if error.kind is LLMErrorKind.PERMANENT:
+                raise StepFailedPermanent(failure)
+            raise StepFailedTransient(failure)
         retry_index += 1
         await asyncio.sleep(delay)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
 
 from app.domain.llm import LLMRequest, LLMResult, T
@@ -14,6 +15,10 @@ _LABEL = "[offline]"
 
 class OfflineProvider:
     """Derives every answer from a hash of the request, so the same input gives the same run."""
+
+    def slot(self) -> AbstractAsyncContextManager[None]:
+        """No limit: nothing is sent anywhere."""
+        return nullcontext()
 
     async def generate(self, request: LLMRequest[T]) -> LLMResult[T]:
         digest = hashlib.sha256(f"{request.step}\n{request.input}".encode()).digest()

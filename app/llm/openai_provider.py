@@ -6,16 +6,42 @@ import asyncio
 import email.utils
 import json
 import time
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import openai
+from loguru import logger
 from pydantic import ValidationError
 
-from app.domain.llm import LLMCallError, LLMRequest, LLMResult, T
+from app.domain.llm import LLMCallError, LLMErrorKind, LLMRequest, LLMResult, T
 from app.domain.models import TokenUsage
 
 # Status codes worth repeating: timeouts, conflicts, rate limits and server errors.
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
+# The key, its access or the model is rejected: every request fails alike until someone fixes
+# the configuration, so retrying now is pointless, yet the run itself is not at fault.
+_MISCONFIGURED_STATUS = frozenset({401, 403, 404})
+# One ERROR line per interval about it is enough, however many calls and deliveries hit it.
+MISCONFIGURED_LOG_INTERVAL_SECONDS = 60.0
+
+
+class LogThrottle:
+    """Lets a log line through at most once per `interval` seconds."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: float | None = None
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.interval:
+            return False
+        self._last = now
+        return True
+
+
+# Process-wide: every provider instance and every run share it.
+_misconfigured_log = LogThrottle(MISCONFIGURED_LOG_INTERVAL_SECONDS)
 
 
 def build_client(api_key: str, base_url: str | None, timeout_seconds: float) -> openai.AsyncOpenAI:
@@ -26,7 +52,7 @@ def build_client(api_key: str, base_url: str | None, timeout_seconds: float) -> 
 
 
 class OpenAIProvider:
-    """Implements the domain's `LLM` protocol; bounds concurrent calls process-wide."""
+    """Implements the domain's `LLM` protocol; `slot()` bounds concurrent calls process-wide."""
 
     def __init__(self, client: openai.AsyncOpenAI, max_concurrency: int, store: bool = False):
         self._client = client
@@ -36,36 +62,34 @@ class OpenAIProvider:
     async def aclose(self) -> None:
         await self._client.close()
 
+    def slot(self) -> AbstractAsyncContextManager[None]:
+        return self._limit
+
     async def generate(self, request: LLMRequest[T]) -> LLMResult[T]:
-        async with self._limit:
-            try:
-                raw = await self._client.responses.with_raw_response.parse(
-                    model=request.model,
-                    instructions=request.instructions,
-                    input=request.input,
-                    temperature=request.temperature,
-                    text_format=request.output_type,
-                    store=self._store,
-                    extra_headers={"X-Client-Request-Id": request.client_request_id},
-                )
-            except openai.APIStatusError as exc:
-                status = exc.status_code
-                raise LLMCallError(
-                    f"HTTP {status} from the LLM: {_short(exc.message)}",
-                    retryable=status in _RETRYABLE_STATUS or status >= 500,
-                    retry_after=retry_after_seconds(exc.response.headers),
-                ) from exc
-            except openai.APITimeoutError as exc:
-                raise LLMCallError("LLM request timed out", retryable=True) from exc
-            except openai.APIConnectionError as exc:
-                raise LLMCallError(f"LLM connection failed: {exc}", retryable=True) from exc
+        retryable = LLMErrorKind.RETRYABLE
+        try:
+            raw = await self._client.responses.with_raw_response.parse(
+                model=request.model,
+                instructions=request.instructions,
+                input=request.input,
+                temperature=request.temperature,
+                text_format=request.output_type,
+                store=self._store,
+                extra_headers={"X-Client-Request-Id": request.client_request_id},
+            )
+        except openai.APIStatusError as exc:
+            raise _status_error(exc, request.model) from exc
+        except openai.APITimeoutError as exc:
+            raise LLMCallError("LLM request timed out", retryable) from exc
+        except openai.APIConnectionError as exc:
+            raise LLMCallError(f"LLM connection failed: {exc}", retryable) from exc
 
         try:
             body = raw.http_response.json()
         except ValueError as exc:
-            raise LLMCallError("LLM answered with a body that is not JSON", True) from exc
+            raise LLMCallError("LLM answered with a body that is not JSON", retryable) from exc
         if not isinstance(body, dict):
-            raise LLMCallError("LLM answered with JSON that is not an object", True)
+            raise LLMCallError("LLM answered with JSON that is not an object", retryable)
         usage = _usage(body.get("usage"))
         _raise_for_unusable(body, usage)
         try:
@@ -73,13 +97,42 @@ class OpenAIProvider:
         except (ValidationError, ValueError, TypeError) as exc:
             raise LLMCallError(
                 f"structured output did not match {request.output_type.__name__}: {_short(exc)}",
-                retryable=True,
+                retryable,
                 usage=usage,
             ) from exc
         output = parsed.output_parsed
         if output is None:
-            raise LLMCallError("response carried no structured output", True, usage=usage)
+            raise LLMCallError("response carried no structured output", retryable, usage=usage)
         return LLMResult(output=output, usage=usage, model=str(body.get("model", request.model)))
+
+
+def _status_error(exc: openai.APIStatusError, model: str) -> LLMCallError:
+    """Classify an HTTP error answer: retry it, fail the run, or wait for a configuration fix."""
+    status = exc.status_code
+    if status in _MISCONFIGURED_STATUS:
+        # The provider's message is left out: for a bad key it quotes part of the key.
+        code = _short(exc.code or exc.type or "no error code", 80)
+        if _misconfigured_log.allow():
+            logger.error(
+                "LLM provider misconfigured: HTTP {} ({}) for model {}; runs wait for a fix",
+                status,
+                code,
+                model,
+                lifecycle_event="provider_misconfigured",
+                status=status,
+                model=model,
+            )
+        return LLMCallError(
+            f"HTTP {status} from the LLM ({code}) for model {model}: "
+            "the provider rejects the configured key, its access or the model",
+            LLMErrorKind.MISCONFIGURED,
+        )
+    passing = status in _RETRYABLE_STATUS or status >= 500
+    return LLMCallError(
+        f"HTTP {status} from the LLM: {_short(exc.message)}",
+        LLMErrorKind.RETRYABLE if passing else LLMErrorKind.PERMANENT,
+        retry_after=retry_after_seconds(exc.response.headers),
+    )
 
 
 def _raise_for_unusable(body: dict[str, Any], usage: TokenUsage) -> None:
@@ -90,13 +143,15 @@ def _raise_for_unusable(body: dict[str, Any], usage: TokenUsage) -> None:
         for content in item.get("content") or []:
             if isinstance(content, dict) and content.get("type") == "refusal":
                 reason = _short(content.get("refusal", ""))
-                raise LLMCallError(f"the model refused: {reason}", retryable=False, usage=usage)
+                raise LLMCallError(
+                    f"the model refused: {reason}", LLMErrorKind.PERMANENT, usage=usage
+                )
     if body.get("status") == "incomplete":
         details = body.get("incomplete_details") or {}
         reason = details.get("reason", "unknown") if isinstance(details, dict) else "unknown"
         raise LLMCallError(
             f"incomplete response ({reason})",
-            retryable=reason != "content_filter",
+            LLMErrorKind.PERMANENT if reason == "content_filter" else LLMErrorKind.RETRYABLE,
             usage=usage,
         )
 
