@@ -16,7 +16,8 @@ class RetryPolicy:
     def delay(self, retry_index: int, retry_after: float | None) -> float | None:
         """Seconds to wait before retry number `retry_index` (0-based); None means give up.
 
-        Exponential backoff with jitter, never shorter than the server's Retry-After; a
+        Exponential backoff with jitter. With a Retry-After the wait is Retry-After plus up to
+        half the backoff, so calls limited together do not all retry at the same instant; a
         Retry-After beyond `max_backoff` is left to Pub/Sub's redelivery instead.
         """
         if retry_index >= self.max_retries:
@@ -24,5 +25,6 @@ class RetryPolicy:
         if retry_after is not None and retry_after > self.max_backoff:
             return None
         backoff = min(self.initial_backoff * self.multiplier**retry_index, self.max_backoff)
-        jittered = backoff * random.uniform(0.5, 1.0)
-        return max(jittered, retry_after or 0.0)
+        if retry_after is None:
+            return backoff * random.uniform(0.5, 1.0)
+        return retry_after + backoff * random.uniform(0.0, 0.5)
