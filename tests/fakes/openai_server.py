@@ -1,7 +1,8 @@
 """A fake OpenAI-compatible Responses API on loopback, driven over real HTTP by the real SDK.
 
 Tests script it per step: scores and blocking issues per persona, queued one-off replies
-(429 with Retry-After, 500, garbage, refusal), and delays. It records every request.
+(429 with Retry-After, 500, garbage, refusal), and delays; `outage()` makes every request get
+one error reply until it is ended. It records every request with its arrival time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    at: float = field(default_factory=time.time)  # arrival, wall clock (seconds since epoch)
 
     @property
     def client_request_id(self) -> str:
@@ -56,6 +58,7 @@ class FakeOpenAI:
         self.blocking: dict[str, list[dict[str, Any]]] = {}
         self.step_delay: dict[str, float] = {}
         self._queued: dict[str, deque[Reply]] = defaultdict(deque)
+        self._outage: Reply | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -68,11 +71,28 @@ class FakeOpenAI:
             self.blocking.clear()
             self.step_delay.clear()
             self._queued.clear()
+            self._outage = None
 
     def queue(self, step: str, *replies: Reply) -> None:
         """Replies used, in order, by the next calls for `step` (then the default reply)."""
         with self._lock:
             self._queued[step].extend(replies)
+
+    def outage(
+        self,
+        status: int | None,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Every request, of any step, gets this error reply until `outage(None)` ends it.
+
+        It takes precedence over queued replies, which wait until the outage ends.
+        """
+        with self._lock:
+            if status is None:
+                self._outage = None
+            else:
+                self._outage = Reply(status, headers=dict(headers or {}), body=body)
 
     def calls(self, step: str | None = None) -> list[Recorded]:
         with self._lock:
@@ -131,6 +151,8 @@ class FakeOpenAI:
     def _take(self, recorded: Recorded) -> Reply:
         with self._lock:
             self.requests.append(recorded)
+            if self._outage is not None:
+                return self._outage
             queue = self._queued.get(recorded.step)
             return queue.popleft() if queue else Reply()
 
