@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import base64
+import email.utils
 import json
+import math
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
+import pytest
 from fastapi import FastAPI
 
 from app.domain.personas import STEP_NAMES
 from app.push.envelope import encode_wrapped
+from app.settings import Settings
 from app.store.tables import QuarantinedMessage
-from tests.conftest import services_of
+from tests.conftest import running_app, services_of
 from tests.fakes.openai_server import USAGE, FakeOpenAI, Reply
 
 SUBSCRIPTION = "projects/test/subscriptions/consensus-engine-jobs-sub"
@@ -102,23 +108,49 @@ async def test_scores_from_the_model_drive_the_decision(
     assert run["decision_label"] == "revise"
 
 
-async def test_rate_limit_with_retry_after_then_success(
-    app_client: AppClient, llm: FakeOpenAI
+# Each form of the header, and when the retry may be sent given the 429's arrival time.
+RetryAfter = Callable[[], tuple[dict[str, str], Callable[[float], float]]]
+
+
+def _retry_after_seconds() -> tuple[dict[str, str], Callable[[float], float]]:
+    return {"retry-after": "1"}, lambda refused_at: refused_at + 1.0
+
+
+def _retry_after_date() -> tuple[dict[str, str], Callable[[float], float]]:
+    # A whole second about 2 s ahead, so the date's one-second resolution loses nothing.
+    when = math.ceil(time.time()) + 2
+    return {"retry-after": email.utils.formatdate(when, usegmt=True)}, lambda _: when
+
+
+def _retry_after_ms() -> tuple[dict[str, str], Callable[[float], float]]:
+    return {"retry-after-ms": "800"}, lambda refused_at: refused_at + 0.8
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    [_retry_after_seconds, _retry_after_date, _retry_after_ms],
+    ids=["seconds", "http-date", "milliseconds"],
+)
+async def test_rate_limit_waits_for_retry_after_then_succeeds(
+    make_settings: Callable[..., Settings], llm: FakeOpenAI, retry_after: RetryAfter
 ) -> None:
-    app, client = app_client
-    llm.queue("review_critic", Reply(429, headers={"retry-after": "0.2"}))
-    run_id = await new_run(app)
+    async with running_app(make_settings(retry_max_backoff_seconds=5.0)) as (app, client):
+        run_id = await new_run(app)
+        headers, not_before = retry_after()
+        llm.queue("review_critic", Reply(429, headers=headers))
 
-    response = await push(client, {"run_id": run_id})
+        response = await push(client, {"run_id": run_id})
 
-    assert response.status_code == 204
-    run = await run_json(client, run_id)
+        assert response.status_code == 204
+        run = await run_json(client, run_id)
     assert run["status"] == "completed"
     critic = next(s for s in run["step_progress"] if s["step_name"] == "review_critic")
     assert critic["attempts"] == 2
     assert critic["status"] == "completed"
-    calls = llm.calls("review_critic")
-    assert [c.client_request_id.rsplit("/", 1)[1] for c in calls] == ["1", "2"]
+    refused, retried = llm.calls("review_critic")
+    assert [c.client_request_id.rsplit("/", 1)[1] for c in (refused, retried)] == ["1", "2"]
+    # Sent no sooner than the server asked, and not much later (the jitter is tiny here).
+    assert not_before(refused.at) <= retried.at < not_before(refused.at) + 0.5
 
 
 async def test_server_errors_until_retries_exhausted_answer_503_and_keep_checkpoints(
