@@ -40,6 +40,12 @@ MAX_CERTS_MAX_AGE_SECONDS = 24 * 3600.0
 # An unknown key id may mean Google rotated its keys; refetching at most this often keeps a
 # stream of made-up key ids from turning every request into a certificate fetch.
 MIN_REFETCH_INTERVAL_SECONDS = 60.0
+# How long after expiry a cached set may still verify tokens while refreshing it fails: an
+# outage of Google's certs endpoint (or of our route to it) must not turn every delivery into a
+# 503. Google lists a new signing key well before signing with it and keeps a retired one listed
+# for a while, so a set a few hours old still verifies current tokens; much older and a key
+# Google has withdrawn would be trusted too long, so past the grace it is 503 again.
+CERTS_STALE_GRACE_SECONDS = 6 * 3600.0
 CERTS_FETCH_TIMEOUT_SECONDS = 10.0
 # Google's ID tokens are about 1 KB; anything far larger is not worth decoding.
 MAX_TOKEN_CHARS = 8192
@@ -146,9 +152,11 @@ class OidcAuthenticator:
     """`PUSH_AUTH=oidc`: verifies Google-signed OIDC tokens against cached certificates.
 
     Certificates come from `certs_url` (`{key id: PEM certificate}`) and are kept until the
-    response's `Cache-Control: max-age` runs out. Callers that need certificates while a fetch
-    is running await that same fetch instead of starting their own, and all blocking work
-    (HTTP fetch, signature check) runs in a worker thread.
+    response's `Cache-Control: max-age` runs out. When refreshing them fails, the expired set
+    keeps verifying for up to `stale_grace` seconds, refetched at most every
+    `min_refetch_interval`. Callers that need certificates while a fetch is running await that
+    same fetch instead of starting their own, and all blocking work (HTTP fetch, signature
+    check) runs in a worker thread.
     """
 
     def __init__(
@@ -161,6 +169,7 @@ class OidcAuthenticator:
         fetch_timeout: float = CERTS_FETCH_TIMEOUT_SECONDS,
         min_refetch_interval: float = MIN_REFETCH_INTERVAL_SECONDS,
         default_max_age: float = DEFAULT_CERTS_MAX_AGE_SECONDS,
+        stale_grace: float = CERTS_STALE_GRACE_SECONDS,
     ) -> None:
         # google-auth accepts a token whose `aud` is any of a list.
         self._audience = audience if isinstance(audience, str) else list(audience)
@@ -170,10 +179,12 @@ class OidcAuthenticator:
         self._fetch_timeout = fetch_timeout
         self._min_refetch_interval = min_refetch_interval
         self._default_max_age = default_max_age
+        self._stale_grace = stale_grace
         self._session = requests.Session()
         self._request = Request(session=self._session)
         self._cache: _CertCache | None = None
         self._last_fetch_started: float | None = None
+        self._last_fetch_failed = False
         self._inflight: asyncio.Task[_CertCache] | None = None
 
     async def verify(self, authorization: str | None) -> str | None:
@@ -209,10 +220,15 @@ class OidcAuthenticator:
         self._session.close()
 
     async def _certificate(self, key_id: str) -> str:
-        cache = await self._fresh_certs()
+        cache, stale = await self._current_certs()
         pem = cache.certs.get(key_id)
         if pem is not None:
             return pem
+        if stale:
+            # The key may be a newly rotated one that the failing endpoint cannot deliver, so
+            # this is the outage's 503 (as without the grace), not the caller's 401.
+            logger.warning("auth: unknown signing key id while certificates cannot be refreshed")
+            raise _unavailable()
         # Joining a fetch already under way costs nothing; starting one is rate-limited.
         fetching = self._inflight is not None and not self._inflight.done()
         last = self._last_fetch_started
@@ -224,11 +240,39 @@ class OidcAuthenticator:
         logger.warning("auth rejected: unknown signing key id")
         raise _unauthorized()
 
-    async def _fresh_certs(self) -> _CertCache:
+    async def _current_certs(self) -> tuple[_CertCache, bool]:
+        """The certificates to verify with, and whether they are a stale set kept by the grace."""
+        now = self._clock()
         cache = self._cache
-        if cache is not None and self._clock() < cache.expires_at:
-            return cache
-        return await self._refresh()
+        if cache is not None and now < cache.expires_at:
+            return cache, False
+        stale = self._stale_certs(now)
+        fetching = self._inflight is not None and not self._inflight.done()
+        last = self._last_fetch_started
+        # After a failed refresh, the same rate limit as for unknown key ids: requests in between
+        # use the stale set instead of each paying for a fetch that is likely to fail again.
+        if (
+            stale is not None
+            and not fetching
+            and self._last_fetch_failed
+            and last is not None
+            and now - last < self._min_refetch_interval
+        ):
+            return stale, True
+        try:
+            return await self._refresh(), False
+        except AuthError:
+            stale = self._stale_certs(self._clock())
+            if stale is None:
+                raise
+            return stale, True
+
+    def _stale_certs(self, now: float) -> _CertCache | None:
+        """The cached set if it has expired, but less than the grace ago; else None."""
+        cache = self._cache
+        if cache is None or not cache.expires_at <= now < cache.expires_at + self._stale_grace:
+            return None
+        return cache
 
     async def _refresh(self) -> _CertCache:
         if self._inflight is None or self._inflight.done():
@@ -240,7 +284,22 @@ class OidcAuthenticator:
         return await asyncio.shield(self._inflight)
 
     async def _fetch_and_store(self, started: float) -> _CertCache:
-        certs, max_age = await asyncio.to_thread(self._fetch_certs)
+        try:
+            certs, max_age = await asyncio.to_thread(self._fetch_certs)
+        except AuthError:
+            self._last_fetch_failed = True
+            # Logged here, in the one task every waiter shares, so once per failed refresh.
+            now = self._clock()
+            stale = self._stale_certs(now)
+            if stale is not None:
+                logger.warning(
+                    "auth: certificate refresh failed; verifying with the set that expired"
+                    " {:.0f} s ago (grace {:.0f} s)",
+                    now - stale.expires_at,
+                    self._stale_grace,
+                )
+            raise
+        self._last_fetch_failed = False
         cache = _CertCache(certs=certs, expires_at=started + max_age)
         self._cache = cache
         logger.info("auth: fetched {} signing certificates for {:.0f} s", len(certs), max_age)

@@ -31,10 +31,14 @@ _SEVERITY = {
 def configure_logging(production: bool, level: str, project_id: str | None) -> None:
     """Replace loguru's default sink; route the standard library's logging through it."""
     logger.remove()
+    # loguru's `diagnose` prints each traceback frame's local values, which include bearer
+    # tokens, API keys and request bodies; `backtrace` would print yet more frames of them.
     if production:
-        logger.add(_json_sink(project_id), level=level, enqueue=False)
+        logger.add(
+            _json_sink(project_id), level=level, enqueue=False, backtrace=False, diagnose=False
+        )
     else:
-        logger.add(sys.stderr, level=level, format=_text_format)
+        logger.add(sys.stderr, level=level, format=_text_format, backtrace=False, diagnose=False)
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers = [_InterceptHandler()]

@@ -124,6 +124,7 @@ class CertsServer:
     max_age: int | None = MAX_AGE
     status: int = 200
     body: bytes | None = None  # overrides the JSON document when set
+    drop: bool = False  # close the connection without answering, as an unreachable endpoint
     delay: float = 0.0
     fetches: int = 0
     url: str = ""
@@ -144,6 +145,9 @@ def _handler_for(state: CertsServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             status, headers, body = state.answer()
+            if state.drop:
+                self.close_connection = True
+                return
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
@@ -546,14 +550,98 @@ async def test_a_failed_fetch_is_retried_on_the_next_request(
     assert certs_server.fetches == 2
 
 
-async def test_expired_cache_with_the_endpoint_down_is_503(
-    oidc: OidcAuthenticator, key: SigningKey, certs_server: CertsServer, clock: FakeClock
+def _fail(certs_server: CertsServer, failure: str) -> None:
+    if failure == "down":
+        certs_server.drop = True
+    elif failure == "unparsable":
+        certs_server.body = b"<html>maintenance</html>"
+    else:
+        certs_server.status = int(failure)
+
+
+@pytest.mark.parametrize("failure", ["500", "down", "unparsable"])
+async def test_expired_cache_within_the_grace_keeps_verifying_when_the_refresh_fails(
+    oidc: OidcAuthenticator,
+    key: SigningKey,
+    certs_server: CertsServer,
+    clock: FakeClock,
+    failure: str,
 ) -> None:
+    certs_server.max_age = 1
+    token = _bearer(_sign(key))
+    assert await oidc.verify(token) == PUSHER
+    _fail(certs_server, failure)
+    clock.now += 2
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="WARNING", format="{level} {message}")
+    try:
+        # Concurrent requests share the one failed refresh, which warns once.
+        results = await asyncio.gather(*(oidc.verify(token) for _ in range(5)))
+    finally:
+        logger.remove(sink)
+    assert results == [PUSHER] * 5
+    assert certs_server.fetches == 2
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) == 1
+    assert "certificate refresh failed" in warnings[0]
+    for line in lines:
+        assert token.split(".")[1] not in line
+
+
+async def test_expired_cache_past_the_grace_with_the_endpoint_down_is_503(
+    make_oidc: MakeOidc, key: SigningKey, certs_server: CertsServer, clock: FakeClock
+) -> None:
+    oidc = make_oidc(stale_grace=30.0)
     token = _bearer(_sign(key))
     assert await oidc.verify(token) == PUSHER
     certs_server.status = 503
-    clock.now += MAX_AGE + 1
+    clock.now += MAX_AGE + 29
+    assert await oidc.verify(token) == PUSHER
+    clock.now += 2
     await _rejected(oidc.verify(token), 503)
+    assert certs_server.fetches == 3
+
+
+async def test_a_failing_refresh_is_retried_at_most_once_a_minute(
+    oidc: OidcAuthenticator, key: SigningKey, certs_server: CertsServer, clock: FakeClock
+) -> None:
+    certs_server.max_age = 1
+    token = _bearer(_sign(key))
+    assert await oidc.verify(token) == PUSHER
+    certs_server.status = 500
+    clock.now += 2
+    assert await oidc.verify(token) == PUSHER
+    assert certs_server.fetches == 2
+    for _ in range(3):
+        clock.now += 10
+        assert await oidc.verify(token) == PUSHER
+    assert certs_server.fetches == 2
+    clock.now += 31  # 61 s after the failed fetch started
+    assert await oidc.verify(token) == PUSHER
+    assert certs_server.fetches == 3
+    certs_server.status = 200
+    clock.now += 30
+    assert await oidc.verify(token) == PUSHER
+    assert certs_server.fetches == 3
+    clock.now += 31
+    assert await oidc.verify(token) == PUSHER
+    assert certs_server.fetches == 4
+    # Once a refresh succeeds again, a short max-age is honoured without the rate limit.
+    clock.now += 2
+    assert await oidc.verify(token) == PUSHER
+    assert certs_server.fetches == 5
+
+
+async def test_unknown_key_id_with_stale_certificates_is_503_without_a_fetch(
+    oidc: OidcAuthenticator, key: SigningKey, certs_server: CertsServer, clock: FakeClock
+) -> None:
+    certs_server.max_age = 1
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
+    certs_server.status = 500
+    clock.now += 2
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
+    await _rejected(oidc.verify(_bearer(_sign(key, kid="rotated"))), 503)
+    assert certs_server.fetches == 2
 
 
 async def test_unusable_entries_are_dropped_but_good_ones_kept(

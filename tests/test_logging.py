@@ -54,6 +54,26 @@ def test_production_lines_are_shaped_for_cloud_logging(
     assert "time" in line
 
 
+def _refuse(token: str) -> None:
+    raise PermissionError(f"refused a token of {len(token)} characters")
+
+
+def test_development_tracebacks_leave_out_frame_locals(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(False, "DEBUG", None)
+    try:
+        token = "secret-token-value"
+        try:
+            _refuse(token)
+        except PermissionError:
+            logger.exception("request failed")
+    finally:
+        configure_logging(False, "WARNING", None)
+    output = capsys.readouterr().err
+    assert "PermissionError: refused a token of 18 characters" in output
+    assert "_refuse(token)" in output
+    assert "secret-token-value" not in output
+
+
 async def test_a_run_logs_its_lifecycle_with_run_id_and_no_secrets(
     make_settings: Callable[..., Settings],
     llm: FakeOpenAI,
