@@ -10,7 +10,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.domain.ideas import validate_extra_context, validate_idea
+from app.domain.ideas import (
+    json_problem,
+    make_storable,
+    text_problem,
+    validate_extra_context,
+    validate_idea,
+)
+
+# Column sizes of quarantined_messages (message_id, subscription) and runs (source_key).
+MAX_MESSAGE_ID_CHARS = 256
+MAX_SUBSCRIPTION_CHARS = 512
+MAX_SOURCE_KEY_CHARS = 512
+MAX_DELIVERY_ATTEMPT = 2**31 - 1  # a PostgreSQL integer
+MAX_HEADER_CHARS = 4096
+MAX_HEADERS = 100
 
 
 class MalformedPush(ValueError):
@@ -52,20 +66,34 @@ class Job:
 
 
 def decode_push(body: bytes, headers: Mapping[str, str]) -> PushMessage:
-    """A wrapped envelope (JSON with `message`) or an unwrapped body with metadata headers."""
+    """A wrapped envelope (JSON with `message`) or an unwrapped body with metadata headers.
+
+    Total: any body and headers give a PushMessage or raise MalformedPush.
+    """
     if "x-goog-pubsub-message-id" not in headers:
-        envelope = _json_object(body)
+        try:
+            envelope = _json_object(body)
+        except MalformedPush:
+            envelope = None  # not an envelope: the body may be unwrapped data
         if envelope is not None and isinstance(envelope.get("message"), dict):
             return _wrapped(envelope)
         if envelope is not None and "message" in envelope:
             raise MalformedPush("envelope field 'message' is not an object")
+    message_id = _identifier(
+        headers.get("x-goog-pubsub-message-id"), "message id header", MAX_MESSAGE_ID_CHARS
+    )
+    subscription = _identifier(
+        headers.get("x-goog-pubsub-subscription-name"),
+        "subscription header",
+        MAX_SUBSCRIPTION_CHARS,
+    )
     return PushMessage(
         data=body,
-        message_id=headers.get("x-goog-pubsub-message-id"),
-        subscription=headers.get("x-goog-pubsub-subscription-name"),
-        publish_time=headers.get("x-goog-pubsub-publish-time"),
-        ordering_key=headers.get("x-goog-pubsub-ordering-key")
-        or headers.get("x-goog-ordering-key"),
+        message_id=message_id,
+        subscription=subscription,
+        publish_time=_clean(headers.get("x-goog-pubsub-publish-time")),
+        ordering_key=_clean(headers.get("x-goog-pubsub-ordering-key"))
+        or _clean(headers.get("x-goog-ordering-key")),
     )
 
 
@@ -74,8 +102,11 @@ def _wrapped(envelope: dict[str, Any]) -> PushMessage:
     message_id = message.get("messageId", message.get("message_id"))
     if not isinstance(message_id, str) or not message_id:
         raise MalformedPush("envelope message has no messageId")
+    message_id = _identifier(message_id, "messageId", MAX_MESSAGE_ID_CHARS)
     subscription = envelope.get("subscription")
-    if not isinstance(subscription, str):
+    if isinstance(subscription, str):
+        subscription = _identifier(subscription, "subscription", MAX_SUBSCRIPTION_CHARS)
+    else:
         subscription = None
     raw_data = message.get("data")
     if raw_data is None or raw_data == "":
@@ -104,20 +135,43 @@ def _wrapped(envelope: dict[str, Any]) -> PushMessage:
         message_id=message_id,
         subscription=subscription,
         attributes=attributes,
-        publish_time=publish_time if isinstance(publish_time, str) else None,
-        ordering_key=ordering_key if isinstance(ordering_key, str) else None,
-        delivery_attempt=attempt if isinstance(attempt, int) and attempt > 0 else None,
+        publish_time=_clean(publish_time),
+        ordering_key=_clean(ordering_key),
+        delivery_attempt=_delivery_attempt(attempt),
     )
+
+
+def _identifier(value: str | None, what: str, max_chars: int) -> str | None:
+    """`value` when it can be stored in its column; MalformedPush (no ids kept) otherwise."""
+    if value is None:
+        return None
+    problem = text_problem(value)
+    if problem is None and len(value) > max_chars:
+        problem = f"more than {max_chars} characters"
+    if problem is not None:
+        raise MalformedPush(f"{what} has {problem}")
+    return value
+
+
+def _clean(value: Any) -> str | None:
+    """An optional metadata string, dropped when it is not a storable, bounded string."""
+    if not isinstance(value, str) or len(value) > MAX_HEADER_CHARS or text_problem(value):
+        return None
+    return value
+
+
+def _delivery_attempt(value: Any) -> int | None:
+    # bool is an int subclass: `true` is no attempt count.
+    if type(value) is int and 1 <= value <= MAX_DELIVERY_ATTEMPT:
+        return value
+    return None
 
 
 def parse_job(message: PushMessage) -> Job:
     """The job in the message data (JSON), or in its attributes when the data is empty."""
     fields: dict[str, Any]
     if message.data.strip():
-        parsed = _json_object(message.data)
-        if parsed is None:
-            raise MalformedPush("message data is not a JSON object")
-        fields = parsed
+        fields = _json_object(message.data)
     elif message.attributes:
         fields = dict(message.attributes)
     else:
@@ -125,14 +179,18 @@ def parse_job(message: PushMessage) -> Job:
 
     if "run_id" in fields:
         try:
-            return Job(run_id=str(uuid.UUID(str(fields["run_id"]))))
-        except ValueError as exc:
+            return Job(run_id=str(uuid.UUID(fields["run_id"])))
+        except (TypeError, ValueError, AttributeError) as exc:
             raise MalformedPush("run_id is not a UUID") from exc
     if "idea" in fields:
         if not isinstance(fields["idea"], str):
             raise MalformedPush("idea is not a string")
         if not message.source_key:
             raise MalformedPush("a self-contained job needs a message id to be idempotent")
+        if len(message.source_key) > MAX_SOURCE_KEY_CHARS:
+            raise MalformedPush(
+                f"subscription and message id exceed {MAX_SOURCE_KEY_CHARS} characters together"
+            )
         try:
             idea = validate_idea(fields["idea"])
             extra = validate_extra_context(fields.get("extra_context"))
@@ -142,12 +200,47 @@ def parse_job(message: PushMessage) -> Job:
     raise MalformedPush("job has neither run_id nor idea")
 
 
-def _json_object(raw: bytes) -> dict[str, Any] | None:
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The JSON object in `raw`; MalformedPush unless it is plain JSON (see json_problem).
+
+    NUL may pass here: the fields taken from the object are checked where they are read.
+    """
     try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+        value = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise MalformedPush("message data is JSON nested too deep") from exc
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise MalformedPush("message data is not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise MalformedPush("message data is not a JSON object")
+    problem = json_problem(value, allow_nul=True)
+    if problem is not None:
+        raise MalformedPush(f"message data is JSON with {problem}")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def quarantine_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The request headers to keep with a quarantined message: storable as JSON, no credentials.
+
+    `authorization` is dropped; NUL and lone surrogates become U+FFFD and keys and values are
+    cut at MAX_HEADER_CHARS, at most MAX_HEADERS of them, so any request can be kept.
+    """
+    kept: dict[str, str] = {}
+    for key, value in headers.items():
+        if key.lower() == "authorization":
+            continue
+        if len(kept) >= MAX_HEADERS:
+            break
+        kept[_storable(key)] = _storable(value)
+    return kept
+
+
+def _storable(text: str) -> str:
+    return make_storable(text[:MAX_HEADER_CHARS])
 
 
 def encode_wrapped(
