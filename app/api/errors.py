@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -37,6 +38,16 @@ class ApiError(Exception):
         self.details = details
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON escaped to ASCII: an error body echoing hostile input (a lone surrogate, say)
+    still encodes, so an error never turns into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+        ).encode("ascii")
+
+
 def error_response(
     status: int,
     code: str,
@@ -44,7 +55,7 @@ def error_response(
     details: Any = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(
+    return ErrorJSONResponse(
         status_code=status,
         content={
             "code": code,

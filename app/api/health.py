@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from loguru import logger
 
 from app.api.deps import ServicesDep
 from app.api.errors import error_response
-from app.store.db import current_revision
+from app.api.schemas import ErrorBody
 
 router = APIRouter(tags=["health"])
 
@@ -19,20 +18,17 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", response_model=None)
+@router.get("/ready", response_model=None, responses={503: {"model": ErrorBody}})
 async def ready(services: ServicesDep) -> dict[str, str] | JSONResponse:
     """The database answers and its schema is at the current migration."""
-    try:
-        revision = await current_revision(services.engine)
-    except Exception as exc:  # whatever the driver raises, the answer is: not ready
-        logger.warning("readiness: database unreachable: {}", type(exc).__name__)
+    status = await services.schema.status(fresh=True)
+    if not status.reachable:
         return error_response(503, "database_unavailable", "database unreachable")
-    services.schema_current = revision == services.head_revision
-    if not services.schema_current:
+    if not status.current:
         return error_response(
             503,
             "schema_behind",
             "database schema is not at the current migration",
-            {"database": revision, "expected": services.head_revision},
+            {"database": status.revision, "expected": status.head},
         )
-    return {"status": "ready", "schema": str(revision)}
+    return {"status": "ready", "schema": str(status.revision)}

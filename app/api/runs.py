@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import asdict
-from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from loguru import logger
@@ -12,6 +12,9 @@ from loguru import logger
 from app.api.deps import ReadyServicesDep, require_api_caller
 from app.api.errors import ApiError
 from app.api.schemas import (
+    MAX_LIST_LIMIT,
+    MAX_LIST_OFFSET,
+    ErrorBody,
     FullReviewAccepted,
     FullReviewRequest,
     RunDetail,
@@ -19,16 +22,34 @@ from app.api.schemas import (
     RunSummary,
     StepProgressOut,
     Usage,
+    UtcDatetime,
 )
 from app.domain.models import TokenUsage
 from app.domain.personas import PERSONAS
 from app.store.tables import Run
 
-router = APIRouter(prefix="/v1", tags=["runs"], dependencies=[Depends(require_api_caller)])
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody} for status in statuses}
+
+
+# Every /v1 route may answer these: caller auth (401/403), request validation (422) and
+# schema behind or identity provider unreachable (503).
+router = APIRouter(
+    prefix="/v1",
+    tags=["runs"],
+    dependencies=[Depends(require_api_caller)],
+    responses=_errors(401, 403, 422, 503),
+)
 _PERSONA_ORDER = {p.persona_id: index for index, p in enumerate(PERSONAS)}
 
 
-@router.post("/full-review", status_code=202, response_model=FullReviewAccepted)
+@router.post(
+    "/full-review",
+    status_code=202,
+    response_model=FullReviewAccepted,
+    responses=_errors(400),  # a body that cannot be parsed at all
+)
 async def submit_full_review(
     body: FullReviewRequest, services: ReadyServicesDep
 ) -> FullReviewAccepted:
@@ -47,8 +68,12 @@ async def submit_full_review(
     )
 
 
-@router.get("/runs/{run_id}", response_model=RunDetail)
+@router.get("/runs/{run_id}", response_model=RunDetail, responses=_errors(404))
 async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
+    try:
+        run_id = str(uuid.UUID(run_id))
+    except ValueError:
+        raise ApiError(404, "not_found", "run not found: run_id is not a UUID") from None
     run = await services.store.get_run(run_id)
     if run is None:
         raise ApiError(404, "not_found", f"run {run_id} not found")
@@ -89,12 +114,12 @@ async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
 @router.get("/runs", response_model=RunList)
 async def list_runs(
     services: ReadyServicesDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 20,
+    offset: Annotated[int, Query(ge=0, le=MAX_LIST_OFFSET)] = 0,
     status: Literal["queued", "running", "completed", "failed"] | None = None,
     decision: Literal["approve", "revise", "reject"] | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
+    created_after: Annotated[UtcDatetime | None, Query()] = None,
+    created_before: Annotated[UtcDatetime | None, Query()] = None,
 ) -> RunList:
     """Runs newest first, filtered by status, decision and creation time."""
     runs, total = await services.store.list_runs(

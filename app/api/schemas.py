@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, field_validator
 
 from app.domain.ideas import validate_extra_context, validate_idea
+
+MAX_LIST_LIMIT = 100
+MAX_LIST_OFFSET = 2**31 - 1  # far beyond any real page, well inside a PostgreSQL bigint
+
+
+class ErrorBody(BaseModel):
+    """The one error shape of the HTTP API."""
+
+    code: str = Field(description="machine-readable error code, e.g. validation_error")
+    message: str
+    details: Any = None
+    request_id: str | None = Field(description="the X-Request-ID of the request")
+
+
+def _in_utc(value: datetime) -> datetime:
+    # Only instants that exist in UTC can be compared with the stored UTC timestamps.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("date-time is out of range once converted to UTC") from None
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+"""A date-time with a timezone, converted to UTC (naive or out-of-range values are invalid)."""
 
 
 class FullReviewRequest(BaseModel):
