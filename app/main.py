@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import signal
 import socket
@@ -17,10 +18,11 @@ from fastapi import FastAPI
 from loguru import logger
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api import health, push, runs
+from app.api import health, push, runs, tasks
 from app.api.deps import Services
 from app.api.errors import error_response, install_error_handlers, request_id_var
 from app.auth import build_api_authenticator, build_authenticator
+from app.dead_letter import DeadLetterReceiver
 from app.domain.llm import LLM
 from app.domain.personas import validate_policy
 from app.domain.pipeline import PipelineConfig
@@ -28,17 +30,23 @@ from app.domain.retry import RetryPolicy
 from app.llm.offline import OfflineProvider
 from app.llm.openai_provider import OpenAIProvider, build_client
 from app.logs import configure_logging, trace_context
-from app.publish import InProcessPublisher, OutboxRelay, Publisher, PubSubPublisher
+from app.publish import InProcessPublisher, Outbox, Publisher, PubSubPublisher
 from app.service import ExecutionLimits, PushReceiver, Runner
 from app.settings import Settings, get_settings
 from app.store.db import (
+    SchemaCheck,
     build_engine,
-    current_revision,
     head_revision,
     new_cloud_sql_connector,
     upgrade_to_head,
 )
+from app.store.recovery import RecoveryStore
 from app.store.runs import RunStore
+from app.sweep import Sweeper
+
+# How long a cached readiness answer stands on the request path.
+SCHEMA_CHECK_TTL_SECONDS = 5.0
+SHUTDOWN_DB_CLOSE_SECONDS = 3.0
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -55,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.auto_migrate:
             await upgrade_to_head(engine)
         store = RunStore(engine)
+        recovery = RecoveryStore(engine)
         llm = _build_llm(settings)
         runner = Runner(
             store,
@@ -64,7 +73,6 @@ def create_app(settings: Settings) -> FastAPI:
                 lease_seconds=settings.run_lease_seconds,
                 push_deadline_seconds=settings.effective_push_deadline_seconds,
                 job_timeout_seconds=settings.worker_job_timeout_seconds,
-                max_delivery_attempts=settings.max_delivery_attempts,
                 max_concurrent_runs=settings.worker_max_concurrency,
             ),
             instance_id=f"{socket.gethostname()}:{os.getpid()}",
@@ -81,31 +89,29 @@ def create_app(settings: Settings) -> FastAPI:
                 max_attempts=settings.max_delivery_attempts,
                 initial_backoff=max(settings.retry_initial_backoff_seconds, 0.1),
             )
-        outbox = OutboxRelay(store, publisher, settings.outbox_relay_interval_seconds)
+        outbox = Outbox(recovery, publisher)
+        sweeper = Sweeper(
+            recovery, outbox, settings.run_stale_seconds, settings.worker_job_timeout_seconds
+        )
         services = Services(
             settings=settings,
             engine=engine,
             store=store,
             receiver=receiver,
+            dead_letters=DeadLetterReceiver(
+                store, recovery, outbox, receiver, settings.worker_job_timeout_seconds
+            ),
             outbox=outbox,
+            sweeper=sweeper,
             authenticator=build_authenticator(settings),
             api_authenticator=build_api_authenticator(settings),
-            head_revision=head_revision(),
+            schema=SchemaCheck(engine, head_revision(), SCHEMA_CHECK_TTL_SECONDS),
         )
-        try:
-            services.schema_current = await current_revision(engine) == services.head_revision
-        except Exception as exc:  # the service still starts; /ready reports the database
-            logger.error("database unreachable at start-up: {}", exc)
-        if not services.schema_current:
-            logger.error(
-                "database schema is behind {}: run `alembic upgrade head`; refusing work",
-                services.head_revision,
-            )
-        elif isinstance(publisher, InProcessPublisher):
+        if (await services.schema.status()).current and isinstance(publisher, InProcessPublisher):
             # No queue redelivers on the embedded default: pick up what a previous process left.
-            for run_id in await store.unfinished_run_ids(limit=1000):
+            for run_id in await recovery.unfinished_run_ids(limit=1000):
                 await publisher.publish(run_id)
-        relay = asyncio.create_task(outbox.run_forever())
+        sweeping = asyncio.create_task(sweeper.run_forever(settings.sweep_interval_seconds))
         app.state.services = services
         restore_signals = _on_shutdown_signal(runner.begin_shutdown)
         logger.info(
@@ -121,16 +127,22 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             restore_signals()
             runner.begin_shutdown()
-            relay.cancel()
-            await asyncio.gather(relay, return_exceptions=True)
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
             await publisher.aclose()
             await services.authenticator.aclose()
             await services.api_authenticator.aclose()
             if isinstance(llm, OpenAIProvider):
                 await llm.aclose()
-            await engine.dispose()
-            if connector is not None:
-                await connector.close_async()
+            try:
+                # Closing connections to a database that hangs must not hold the exit past
+                # Cloud Run's 10 s; the server drops what is left when the process ends.
+                async with asyncio.timeout(SHUTDOWN_DB_CLOSE_SECONDS):
+                    await engine.dispose()
+                    if connector is not None:
+                        await connector.close_async()
+            except TimeoutError:
+                logger.warning("database connections not closed in time; leaving them")
             logger.info("service stopped")
 
     app = FastAPI(
@@ -143,6 +155,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(push.router)
     app.include_router(runs.router)
+    app.include_router(tasks.router)
     app.add_middleware(RequestContextMiddleware)
     return app
 
@@ -189,7 +202,9 @@ def _on_shutdown_signal(callback: Callable[[], None]) -> Callable[[], None]:
         return lambda: None  # signals can only be handled in the main thread
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(callback)
+        # An empty context: the signal may interrupt a request whose log context (its run_id)
+        # would otherwise stick to the shutdown's log lines.
+        loop.call_soon_threadsafe(callback, context=contextvars.Context())
         chained = previous[signum]
         if callable(chained):
             chained(signum, frame)

@@ -1,8 +1,8 @@
 """Handing a submitted run to the queue: Pub/Sub, or in-process on the embedded default.
 
 The run row is the outbox: it is committed before the publish, `published_at` is set once the
-queue accepted the message, and the relay republishes runs left unpublished. A message published
-twice is harmless: the receiver executes a run once whatever it is sent.
+queue accepted the message, and the sweep (app/sweep.py) republishes runs left unpublished. A
+message published twice is harmless: the receiver executes a run once whatever it is sent.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import timedelta
 from typing import Any, Protocol
 
 from loguru import logger
@@ -20,9 +19,10 @@ from loguru import logger
 from app.errors import StoreUnavailable
 from app.push.envelope import encode_wrapped
 from app.push.policy import Outcome, status_for
-from app.store.runs import DEFAULT_PRIORITY, RUN_TYPE, RunStore, utcnow
+from app.store.recovery import RecoveryStore
+from app.store.runs import DEFAULT_PRIORITY, RUN_TYPE
 
-# Bounds the API's wait on an unreachable queue; the outbox relay retries later anyway.
+# Bounds the API's wait on an unreachable queue; the sweep republishes later anyway.
 PUBLISH_TIMEOUT_SECONDS = 5.0
 
 IN_PROCESS_SUBSCRIPTION = "projects/local/subscriptions/in-process"
@@ -39,7 +39,8 @@ class Publisher(Protocol):
 class InProcessPublisher:
     """Delivers each job to the same push handler, redelivering on non-2xx like Pub/Sub would.
 
-    Bounded: after `max_attempts` deliveries the run is left as the last one left it.
+    Bounded: after `max_attempts` deliveries the run is left to the sweep, as Pub/Sub leaves a
+    message to its dead-letter topic.
     """
 
     def __init__(
@@ -82,8 +83,11 @@ class InProcessPublisher:
                 delivery_attempt=attempt,
             )
             await asyncio.sleep(delay)
-        logger.error(
-            "in-process delivery gave up after {} attempts", self._max_attempts, run_id=run_id
+        logger.warning(
+            "in-process delivery stopped after {} attempts; the sweep re-enqueues the run if it "
+            "stays unfinished",
+            self._max_attempts,
+            run_id=run_id,
         )
 
     async def aclose(self) -> None:
@@ -120,50 +124,26 @@ class PubSubPublisher:
         await asyncio.to_thread(self._client.stop)
 
 
-class OutboxRelay:
-    """Publishes new runs, and republishes every `interval` those whose publish failed."""
+class Outbox:
+    """Hands runs to the queue and records that it accepted them."""
 
-    def __init__(self, store: RunStore, publisher: Publisher, interval: float) -> None:
-        self._store = store
+    def __init__(self, recovery: RecoveryStore, publisher: Publisher) -> None:
+        self._recovery = recovery
         self._publisher = publisher
-        self._interval = interval
 
     async def publish(self, run_id: str) -> bool:
-        """Try to publish now; on failure the run stays in the outbox for the relay."""
+        """Try to publish now; on failure the run stays in the outbox for the sweep."""
         try:
             await self._publisher.publish(run_id)
-        except Exception as exc:  # any client failure leaves the run for the relay
+        except Exception as exc:  # any client failure leaves the run for the sweep
             logger.warning(
-                "publish failed; the outbox relay will retry: {}",
-                exc.__class__.__name__,
-                run_id=run_id,
+                "publish failed; the sweep will retry: {}", exc.__class__.__name__, run_id=run_id
             )
             return False
         try:
-            await self._store.mark_published(run_id)
+            await self._recovery.mark_published(run_id)
         except StoreUnavailable:
-            # Published but not marked: the relay publishes it again, which is harmless.
+            # Published but not marked: the sweep publishes it again, which is harmless.
             logger.warning("could not mark run published", run_id=run_id)
         logger.info("run published", run_id=run_id)
         return True
-
-    async def relay_once(self) -> int:
-        """Publish runs left unpublished for longer than one interval; returns how many."""
-        cutoff = utcnow() - timedelta(seconds=self._interval)
-        published = 0
-        for run_id in await self._store.unpublished_run_ids(cutoff, limit=100):
-            if not await self.publish(run_id):
-                break  # the queue is still unreachable; try again next round
-            published += 1
-        return published
-
-    async def run_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                count = await self.relay_once()
-            except Exception:
-                logger.exception("outbox relay round failed")
-                continue
-            if count:
-                logger.info("outbox relay published {} run(s)", count)

@@ -7,7 +7,6 @@ push request into an `Outcome`, quarantining what cannot be a job.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from app.domain.llm import LLM
 from app.domain.models import TokenUsage
 from app.domain.pipeline import PipelineConfig, run_pipeline
 from app.errors import LeaseLost, PermanentError, StoreUnavailable, TransientError
-from app.push.envelope import MalformedPush, decode_push, parse_job
+from app.push.envelope import MalformedPush, decode_push, parse_job, quarantine_headers
 from app.push.policy import Outcome
-from app.store.runs import ClaimOutcome, RunStore, utcnow
+from app.store.runs import ClaimOutcome, RunStore
 
 R = TypeVar("R")
 
@@ -32,8 +31,16 @@ class ExecutionLimits:
     lease_seconds: float
     push_deadline_seconds: float
     job_timeout_seconds: float
-    max_delivery_attempts: int
     max_concurrent_runs: int
+
+
+# Bounds the store calls made after the work is over (release, fail) so that a database that
+# hangs cannot hold a delivery, or the shutdown, past its deadline: the lease expires anyway.
+WRAP_UP_TIMEOUT_SECONDS = 3.0
+
+
+class LeaseExpired(TransientError):
+    """The lease could not be renewed before it expired (the database stopped answering)."""
 
 
 class _StoreProgress:
@@ -115,7 +122,7 @@ class Runner:
                         raise
                     # Cancelled by begin_shutdown: answer 503 instead of dying mid-request.
                     task.uncancel()
-                    await self._store.release(run_id, owner, "instance shut down; checkpoint kept")
+                    await self._release(run_id, owner, "instance shut down; checkpoint kept")
                     logger.warning("released run on shutdown", lifecycle_event="job_released")
                     return Outcome.SHUTTING_DOWN
         finally:
@@ -138,35 +145,34 @@ class Runner:
             logger.info("run is leased by another delivery", lifecycle_event="lease_busy")
             return Outcome.LEASE_BUSY
 
-        attempt = max(delivery_attempt or 0, claim.delivery_count)
-        assert claim.started_at is not None
-        elapsed = (utcnow() - claim.started_at).total_seconds()
-        remaining = self._limits.job_timeout_seconds - elapsed
+        remaining = self._limits.job_timeout_seconds - claim.elapsed_seconds
         job_timeout = f"job timeout of {self._limits.job_timeout_seconds:g}s exceeded"
         if remaining <= 0:
             return await self._fail(run_id, owner, job_timeout)
         budget = min(self._limits.push_deadline_seconds, remaining)
         job_timeout_binds = remaining <= self._limits.push_deadline_seconds
-        logger.info("job started", lifecycle_event="job_started", delivery_attempt=attempt)
+        logger.info(
+            "job started",
+            lifecycle_event="job_started",
+            delivery_attempt=delivery_attempt,
+            delivery_count=claim.delivery_count,
+        )
 
         try:
-            run, checkpoint = await self._store.load_work(run_id)
-            progress = _StoreProgress(self._store, run_id, owner)
             async with asyncio.timeout(budget):
-                decision = await self._with_heartbeat(
+                run, checkpoint = await self._store.load_work(run_id)
+                progress = _StoreProgress(self._store, run_id, owner)
+                decision = await self._with_lease(
                     run_id,
                     owner,
                     run_pipeline(run, checkpoint, self._llm, progress, self._config),
                 )
-            await self._store.complete(run_id, owner)
+                await self._store.complete(run_id, owner)
         except TimeoutError:
             if job_timeout_binds:
                 return await self._fail(run_id, owner, job_timeout)
             return await self._transient(
-                run_id,
-                owner,
-                attempt,
-                f"delivery deadline of {budget:g}s reached; checkpoint kept",
+                run_id, owner, f"delivery deadline of {budget:g}s reached; checkpoint kept"
             )
         except LeaseLost as exc:
             logger.warning("lease lost while working: {}", exc, lifecycle_event="lease_busy")
@@ -174,7 +180,11 @@ class Runner:
         except PermanentError as exc:
             return await self._fail(run_id, owner, str(exc))
         except TransientError as exc:
-            return await self._transient(run_id, owner, attempt, str(exc))
+            return await self._transient(run_id, owner, str(exc))
+        except Exception as exc:
+            # A bug or an error nobody classified: never a 500 that keeps the lease.
+            logger.opt(exception=exc).error("unexpected error in a delivery; releasing the run")
+            return await self._transient(run_id, owner, f"unexpected error: {type(exc).__name__}")
         logger.info(
             "job completed: {}",
             decision.decision,
@@ -184,52 +194,81 @@ class Runner:
         )
         return Outcome.COMPLETED
 
-    async def _with_heartbeat(self, run_id: str, owner: str, work: Awaitable[R]) -> R:
-        """Await `work` while renewing the lease every third of its length."""
+    async def _with_lease(self, run_id: str, owner: str, work: Awaitable[R]) -> R:
+        """Await `work` while renewing the lease every third of its length.
+
+        Each renewal must land before the lease it extends expires; when the database does not
+        answer in time, `work` is cancelled (`LeaseExpired`) rather than going on unfenced.
+        Renewals stop with the work: a delivery that no longer runs never keeps its lease.
+        """
+        loop = asyncio.get_running_loop()
+        lease = self._limits.lease_seconds
+        delivery = asyncio.current_task()
+        assert delivery is not None
         task = asyncio.ensure_future(work)
-        lost = False
+        stopped_by: TransientError | None = None
 
-        async def beat() -> None:
-            nonlocal lost
-            interval = self._limits.lease_seconds / 3
-            while True:
-                await asyncio.sleep(interval)
+        async def keep() -> None:
+            nonlocal stopped_by
+            # Conservative: the claim's expiry was set before this point on the database.
+            valid_until = loop.time() + lease
+            while not task.done():
+                await asyncio.sleep(min(lease / 3, max(valid_until - loop.time(), 0) / 2))
+                sent = loop.time()
                 try:
-                    if not await self._store.heartbeat(run_id, owner, self._limits.lease_seconds):
-                        lost = True
-                        task.cancel()
-                        return
-                except StoreUnavailable as exc:
-                    # The fenced writes will notice if the lease really expires meanwhile.
-                    logger.warning("heartbeat failed: {}", exc)
+                    async with asyncio.timeout(valid_until - sent):
+                        renewed = await self._store.heartbeat(run_id, owner, lease)
+                except Exception as exc:
+                    if loop.time() < valid_until:
+                        logger.warning("lease renewal failed, retrying: {}", exc)
+                        continue
+                    stopped_by = LeaseExpired(
+                        f"run {run_id}: lease could not be renewed before it expired"
+                    )
+                    task.cancel()
+                    return
+                if not renewed:
+                    stopped_by = LeaseLost(f"run {run_id}: lease taken over while working")
+                    task.cancel()
+                    return
+                valid_until = sent + lease
 
-        heartbeat = asyncio.create_task(beat())
+        keeper = asyncio.create_task(keep())
         try:
             return await task
         except asyncio.CancelledError:
-            if lost:
-                raise LeaseLost(f"run {run_id}: lease taken over while working") from None
+            # The keeper stopped the work, not a deadline or shutdown cancelling this delivery.
+            if stopped_by is not None and not delivery.cancelling():
+                raise stopped_by from None
             raise
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
-    async def _transient(self, run_id: str, owner: str, attempt: int, error: str) -> Outcome:
-        if attempt >= self._limits.max_delivery_attempts:
-            return await self._fail(
-                run_id,
-                owner,
-                f"{error} (delivery attempt {attempt} of {self._limits.max_delivery_attempts})",
-            )
-        logger.warning(
-            "transient failure, releasing for redelivery: {}", error, delivery_attempt=attempt
-        )
-        await self._store.release(run_id, owner, error)
+    async def _transient(self, run_id: str, owner: str, error: str) -> Outcome:
+        logger.warning("transient failure, releasing for redelivery: {}", error)
+        await self._release(run_id, owner, error)
         return Outcome.RETRY
 
+    async def _release(self, run_id: str, owner: str, error: str) -> None:
+        """Give the lease back, bounded: if the database does not answer, it expires."""
+        try:
+            async with asyncio.timeout(WRAP_UP_TIMEOUT_SECONDS):
+                await self._store.release(run_id, owner, error)
+        except (TimeoutError, StoreUnavailable) as exc:
+            logger.warning("could not release the lease; it will expire: {}", exc)
+
     async def _fail(self, run_id: str, owner: str, error: str) -> Outcome:
-        if not await self._store.fail(run_id, owner, error):
+        try:
+            async with asyncio.timeout(WRAP_UP_TIMEOUT_SECONDS):
+                failed = await self._store.fail(run_id, owner, error)
+        except (TimeoutError, StoreUnavailable) as exc:
+            logger.warning("could not mark the run failed; a redelivery will: {}", exc)
+            return Outcome.RETRY
+        if not failed:
             return Outcome.LEASE_BUSY
         logger.error("job failed: {}", error, lifecycle_event="job_failed")
         return Outcome.FAILED
@@ -248,16 +287,21 @@ class PushReceiver:
         except StoreUnavailable as exc:
             logger.error("database unavailable, asking Pub/Sub to redeliver: {}", exc)
             return Outcome.RETRY
+        except Exception as exc:
+            # Whatever a request holds, it never earns a 500: Pub/Sub redelivers and an operator
+            # reads the traceback.
+            logger.opt(exception=exc).error("unexpected error handling a push; redelivery asked")
+            return Outcome.RETRY
 
     async def _handle(self, body: bytes, headers: Mapping[str, str]) -> Outcome:
         try:
             message = decode_push(body, headers)
         except MalformedPush as exc:
-            return await self._reject(str(exc), body, headers, exc.message_id, exc.subscription)
+            return await self.reject(str(exc), body, headers, exc.message_id, exc.subscription)
         try:
             job = parse_job(message)
         except MalformedPush as exc:
-            return await self._reject(
+            return await self.reject(
                 str(exc), body, headers, message.message_id, message.subscription
             )
 
@@ -277,7 +321,7 @@ class PushReceiver:
                 )
         outcome = await self._runner.execute(run_id, message.delivery_attempt)
         if outcome is None:
-            return await self._reject(
+            return await self.reject(
                 f"unknown run_id {run_id}",
                 body,
                 headers,
@@ -286,7 +330,7 @@ class PushReceiver:
             )
         return outcome
 
-    async def _reject(
+    async def reject(
         self,
         reason: str,
         body: bytes,
@@ -294,8 +338,10 @@ class PushReceiver:
         message_id: str | None,
         subscription: str | None,
     ) -> Outcome:
-        kept = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-        row_id = await self._store.quarantine(reason, body, kept, message_id, subscription)
+        """Keep the whole request in quarantine and acknowledge it."""
+        row_id = await self._store.quarantine(
+            reason, body, quarantine_headers(headers), message_id, subscription
+        )
         logger.warning(
             "push message rejected and quarantined: {}",
             reason,

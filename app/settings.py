@@ -55,13 +55,18 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(10, ge=0, le=100)
     db_pool_timeout_seconds: float = Field(10.0, gt=0.0, le=300.0)
     db_auto_migrate: bool | None = None
+    db_connect_timeout_seconds: float = Field(5.0, gt=0.0, le=120.0)
+    db_statement_timeout_seconds: float = Field(10.0, gt=0.0, le=600.0)
 
     # Pub/Sub
     pubsub_project_id: str | None = None
     pubsub_topic: str = "consensus-engine-jobs"
     pubsub_subscription: str = "consensus-engine-jobs-sub"
     pubsub_emulator_host: str | None = None
-    outbox_relay_interval_seconds: float = Field(10.0, gt=0.0, le=3600.0)
+
+    # Recovery: the sweep republishes, re-enqueues and times out runs nobody is working on
+    sweep_interval_seconds: float = Field(60.0, gt=0.0, le=3600.0)
+    run_stale_seconds: float = Field(120.0, ge=1.0, le=86400.0)
 
     # Execution
     worker_max_concurrency: int = Field(10, ge=1, le=1000)

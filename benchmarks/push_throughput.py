@@ -32,7 +32,7 @@ async def bench(runs: int, concurrency: int, database_url: str) -> None:
         db_auto_migrate=True,
         log_level="ERROR",
         worker_max_concurrency=max(concurrency, 1),
-        outbox_relay_interval_seconds=3600,
+        sweep_interval_seconds=3600,
     )
     app = create_app(settings)
     latencies: list[float] = []

@@ -82,7 +82,7 @@ def make_settings(pg_url: str, fake_openai: FakeOpenAI) -> Callable[..., Setting
             "push_auth": "none",
             "log_level": "WARNING",
             # Tests deliver by hand; the relay only runs where a test asks for it.
-            "outbox_relay_interval_seconds": 3600,
+            "sweep_interval_seconds": 3600,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)
@@ -155,7 +155,7 @@ def start_app(pg_url: str, llm: FakeOpenAI, tmp_path: Path) -> Iterator[StartApp
         # address is a closed port unless a test passes a running emulator's.
         "PUBSUB_PROJECT_ID": "test-project",
         "PUBSUB_EMULATOR_HOST": "127.0.0.1:9",
-        "OUTBOX_RELAY_INTERVAL_SECONDS": "3600",
+        "SWEEP_INTERVAL_SECONDS": "3600",
         "RUN_LEASE_SECONDS": "2",
         "RETRY_INITIAL_BACKOFF_SECONDS": "0.01",
         "LOG_LEVEL": "INFO",

@@ -233,39 +233,29 @@ async def test_job_timeout_reached_during_a_delivery_fails_the_run(
         assert "job timeout" in run["error_message"]
 
 
-async def test_delivery_attempt_is_recorded_and_the_last_one_fails_the_run(
+async def test_delivery_attempt_is_recorded_but_never_fails_a_run(
     app_client: AppClient, llm: FakeOpenAI
 ) -> None:
-    app, client = app_client
-    run_id = await new_run(app)
-    llm.queue("expand", *[Reply(500)] * 8)
-
-    first = encode_wrapped({"run_id": run_id}, "m-att", SUBSCRIPTION, delivery_attempt=3)
-    assert (await client.post("/pubsub/push", content=first)).status_code == 503
-    run = await run_json(client, run_id)
-    assert run["last_delivery_attempt"] == 3
-    assert run["status"] == "running"
-
-    last = encode_wrapped({"run_id": run_id}, "m-att", SUBSCRIPTION, delivery_attempt=5)
-    with lifecycle_events() as events:
-        assert (await client.post("/pubsub/push", content=last)).status_code == 204
-    run = await run_json(client, run_id)
-    assert run["status"] == "failed"
-    assert "delivery attempt 5 of 5" in run["error_message"]
-    assert "job_failed" in events
-
-
-async def test_without_delivery_attempt_our_own_count_bounds_redelivery(
-    app_client: AppClient, llm: FakeOpenAI
-) -> None:
+    """Pub/Sub's counter also counts deliveries refused before any work: time decides."""
     app, client = app_client
     run_id = await new_run(app)
     llm.queue("expand", *[Reply(500)] * 40)
-    statuses = [(await push(client, {"run_id": run_id})).status_code for _ in range(5)]
-    assert statuses == [503, 503, 503, 503, 204]
+    for attempt in (3, 5, 50):
+        body = encode_wrapped({"run_id": run_id}, "m-att", SUBSCRIPTION, delivery_attempt=attempt)
+        assert (await client.post("/pubsub/push", content=body)).status_code == 503
+        run = await run_json(client, run_id)
+        assert run["last_delivery_attempt"] == attempt
+        assert run["status"] == "running"
+        assert run["lease_owner"] is None
+
+    # Without the header, our own count rises past MAX_DELIVERY_ATTEMPTS just the same.
+    for _ in range(3):
+        assert (await push(client, {"run_id": run_id})).status_code == 503
+    llm.reset()
+    assert (await push(client, {"run_id": run_id})).status_code == 204
     run = await run_json(client, run_id)
-    assert run["status"] == "failed"
-    assert run["delivery_count"] == 5
+    assert run["status"] == "completed"
+    assert run["delivery_count"] == 7
 
 
 async def test_database_going_away_answers_503_and_recovers(
@@ -282,7 +272,15 @@ async def test_database_going_away_answers_503_and_recovers(
             assert response.status_code == 503
             assert (await client.get("/ready")).status_code == 503
             await proxy.start()
-            assert (await push(client, {"run_id": run_id})).status_code == 204
+            # The cached "unreachable" stands at most a second; then the instance serves.
+            statuses = []
+            for _ in range(30):
+                statuses.append((await push(client, {"run_id": run_id})).status_code)
+                if statuses[-1] != 503:
+                    break
+                await asyncio.sleep(0.1)
+            assert statuses[-1] == 204
+            assert len(statuses) <= 15
             assert (await run_json(client, run_id))["status"] == "completed"
     finally:
         await proxy.stop()

@@ -131,7 +131,7 @@ async def test_a_run_submitted_while_pubsub_is_down_is_published_later(
 ) -> None:
     emulator = PubSubEmulator(tmp_path / "emulator-outbox.log").start()
     try:
-        app = start_receiver(start_app, emulator, "jobs-outbox", OUTBOX_RELAY_INTERVAL_SECONDS="1")
+        app = start_receiver(start_app, emulator, "jobs-outbox", SWEEP_INTERVAL_SECONDS="1")
         emulator.stop()
 
         async with httpx2.AsyncClient(base_url=app.url, timeout=30) as client:
@@ -148,7 +148,7 @@ async def test_a_run_submitted_while_pubsub_is_down_is_published_later(
                 return await run_status(client, run_id) == "completed"
 
             await eventually(done, 60, "the relayed run to complete")
-        assert "publish failed; the outbox relay will retry" in app.log()
+        assert "publish failed; the sweep will retry" in app.log()
         assert len(llm.calls("expand")) == 1
     finally:
         emulator.stop()

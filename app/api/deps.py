@@ -10,10 +10,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.api.errors import ApiError
 from app.auth import Authenticator, AuthError
-from app.publish import OutboxRelay
+from app.dead_letter import DeadLetterReceiver
+from app.publish import Outbox
 from app.service import PushReceiver
 from app.settings import Settings
+from app.store.db import SchemaCheck
 from app.store.runs import RunStore
+from app.sweep import Sweeper
 
 
 @dataclass
@@ -22,11 +25,12 @@ class Services:
     engine: AsyncEngine
     store: RunStore
     receiver: PushReceiver
-    outbox: OutboxRelay
+    dead_letters: DeadLetterReceiver
+    outbox: Outbox
+    sweeper: Sweeper
     authenticator: Authenticator
     api_authenticator: Authenticator
-    head_revision: str | None
-    schema_current: bool = False
+    schema: SchemaCheck
 
 
 def get_services(request: Request) -> Services:
@@ -34,10 +38,13 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def get_ready_services(request: Request) -> Services:
-    """Services for routes that need the schema to be current; 503 otherwise."""
+async def get_ready_services(request: Request) -> Services:
+    """Services for routes that need the database with a current schema; 503 otherwise."""
     services = get_services(request)
-    if not services.schema_current:
+    status = await services.schema.status()
+    if not status.reachable:
+        raise ApiError(503, "database_unavailable", "database unreachable")
+    if not status.current:
         raise ApiError(
             503,
             "schema_behind",

@@ -14,6 +14,7 @@ class Outcome(StrEnum):
     FAILED = "failed"  # permanent failure: run marked failed
     OVERLOADED = "overloaded"  # this instance is at WORKER_MAX_CONCURRENCY
     SHUTTING_DOWN = "shutting_down"  # SIGTERM received: no new claims
+    DEAD_LETTER_RECORDED = "dead_letter_recorded"  # re-enqueued, failed or already finished
 
 
 ACK_POLICY: dict[Outcome, int] = {
@@ -26,6 +27,7 @@ ACK_POLICY: dict[Outcome, int] = {
     Outcome.FAILED: 204,
     Outcome.OVERLOADED: 503,
     Outcome.SHUTTING_DOWN: 503,
+    Outcome.DEAD_LETTER_RECORDED: 204,
 }
 
 

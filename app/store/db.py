@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -10,6 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from loguru import logger
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -43,14 +46,15 @@ def build_engine(settings: Settings, connector: CloudSQLConnector | None = None)
         "pool_timeout": settings.db_pool_timeout_seconds,
         "pool_pre_ping": True,
     }
+    bounds = connection_bounds(settings)
     if not settings.use_cloud_sql_connector:
-        return create_async_engine(url, **pool)
+        return create_async_engine(url, connect_args=bounds, **pool)
 
     if connector is None:
         raise ValueError("USE_CLOUD_SQL_CONNECTOR=true needs a Cloud SQL connector")
     instance = settings.db_instance_connection_name
     assert instance is not None  # Settings guarantees it with the connector on
-    options: dict[str, Any] = {"user": settings.db_user, "db": settings.db_name}
+    options: dict[str, Any] = {"user": settings.db_user, "db": settings.db_name, **bounds}
     if settings.db_iam_auth:
         options["enable_iam_auth"] = True
     elif settings.db_password is not None:
@@ -60,6 +64,27 @@ def build_engine(settings: Settings, connector: CloudSQLConnector | None = None)
         return await connector.connect_async(instance, "asyncpg", **options)
 
     return create_async_engine(url, async_creator=connect, **pool)
+
+
+def connection_bounds(settings: Settings) -> dict[str, Any]:
+    """asyncpg options that bound every database call, so a database that hangs instead of
+    refusing cannot wedge a delivery: connect and command timeouts on the client; statement,
+    lock and idle-in-transaction timeouts on the server (a session cut mid-transaction does not
+    keep its row locks), and TCP keepalives so the server notices a client that vanished."""
+    statement_ms = int(settings.db_statement_timeout_seconds * 1000)
+    return {
+        "timeout": settings.db_connect_timeout_seconds,
+        # A little above the server's limit, so the server's own error usually wins.
+        "command_timeout": settings.db_statement_timeout_seconds + 1.0,
+        "server_settings": {
+            "statement_timeout": str(statement_ms),
+            "lock_timeout": str(statement_ms),
+            "idle_in_transaction_session_timeout": str(statement_ms * 3),
+            "tcp_keepalives_idle": "10",
+            "tcp_keepalives_interval": "5",
+            "tcp_keepalives_count": "3",
+        },
+    }
 
 
 def new_cloud_sql_connector() -> CloudSQLConnector:
@@ -112,3 +137,64 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
 
     async with engine.begin() as connection:
         await connection.run_sync(upgrade)
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    reachable: bool
+    revision: str | None
+    head: str | None
+
+    @property
+    def current(self) -> bool:
+        return self.reachable and self.revision == self.head
+
+
+class SchemaCheck:
+    """Whether the database answers with its schema at the current migration.
+
+    Re-checked on the request path, at most every `ttl` seconds while it is current and every
+    `retry_ttl` seconds while it is not: an instance that started during a database blip serves
+    as soon as the database is back, and an outage costs one probe per interval rather than one
+    per request.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, head: str | None, ttl: float, retry_ttl: float = 1.0
+    ) -> None:
+        self._engine = engine
+        self._ttl = ttl
+        self._retry_ttl = retry_ttl
+        self._status = SchemaStatus(False, None, head)
+        self._checked_at = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def status(self, fresh: bool = False) -> SchemaStatus:
+        """The cached status, re-checked when older than `ttl` (or now with `fresh`)."""
+        ttl = self._ttl if self._status.current else self._retry_ttl
+        if not fresh and time.monotonic() - self._checked_at < ttl:
+            return self._status
+        if self._lock.locked() and not fresh:
+            return self._status  # another request is checking; don't queue behind it
+        async with self._lock:
+            head = self._status.head
+            try:
+                status = SchemaStatus(True, await current_revision(self._engine), head)
+            except Exception as exc:  # whatever the driver raises, the answer is: unreachable
+                status = SchemaStatus(False, None, head)
+                reason = type(exc).__name__
+            else:
+                reason = f"schema at {status.revision}, expected {head}"
+            if status.current != self._status.current or self._checked_at < 0:
+                if status.current:
+                    logger.info("database reachable and schema current: serving")
+                elif status.reachable:
+                    logger.error(
+                        "database schema is behind ({}): run `alembic upgrade head`; refusing work",
+                        reason,
+                    )
+                else:
+                    logger.error("database unreachable ({}); refusing work", reason)
+            self._status = status
+            self._checked_at = time.monotonic()
+            return status

@@ -7,25 +7,24 @@ pipeline runs are fenced by the lease: they apply only while the caller still ow
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from app.domain.models import Decision, PersonaReview, Proposal, TokenUsage
 from app.domain.personas import AGGREGATE_STEP, EXPAND_STEP, PERSONAS, STEP_NAMES
 from app.domain.pipeline import Checkpoint, RunInput
-from app.errors import LeaseLost, StoreUnavailable
-from app.store.tables import PersonaReviewRow, QuarantinedMessage, Run, StepProgress
+from app.errors import LeaseLost
+from app.store.base import Repository, db_time
+from app.store.tables import DeadLetter, PersonaReviewRow, QuarantinedMessage, Run, StepProgress
 
 RUN_TYPE = "full_review"
 DEFAULT_PRIORITY = "normal"
@@ -57,7 +56,8 @@ class ClaimOutcome(StrEnum):
 class Claim:
     outcome: ClaimOutcome
     status: str | None = None
-    started_at: datetime | None = None
+    # The run's time so far since its first claim, on the database's clock.
+    elapsed_seconds: float = 0.0
     delivery_count: int = 0
 
 
@@ -65,24 +65,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class RunStore:
+UNFINISHED = (RunStatus.QUEUED, RunStatus.RUNNING)
+
+
+def no_live_lease() -> Any:
+    """SQL condition: nobody holds the run's lease (judged on the database's clock)."""
+    return Run.lease_owner.is_(None) | (Run.lease_expires_at < db_time())
+
+
+class RunStore(Repository):
     """Runs, their steps, reviews and decisions, leases, and quarantined messages."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncSession]:
-        """One unit of work; driver and pool failures become `StoreUnavailable`."""
-        try:
-            async with self._sessions.begin() as session:
-                yield session
-        except (OperationalError, InterfaceError, PoolTimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise StoreUnavailable("database connection lost") from exc
-            raise
 
     # --- creating and reading runs -------------------------------------------------------
 
@@ -100,19 +92,20 @@ class RunStore:
         self, source_key: str, idea: str, extra_context: str | dict[str, Any] | None
     ) -> tuple[Run, bool]:
         """The run for a self-contained job message, created on first sight; (run, created)."""
-        existing = await self._run_by_source(source_key)
+        existing = await self.run_by_source(source_key)
         if existing is not None:
             return existing, False
         try:
             return await self.create_run(idea, extra_context, source_key), True
         except IntegrityError:
             # A concurrent delivery of the same message created it first.
-            existing = await self._run_by_source(source_key)
+            existing = await self.run_by_source(source_key)
             if existing is None:
                 raise
             return existing, False
 
-    async def _run_by_source(self, source_key: str) -> Run | None:
+    async def run_by_source(self, source_key: str) -> Run | None:
+        """The run made from the pushed message with this subscription/messageId, if any."""
         async with self._transaction() as session:
             result = await session.execute(select(Run).where(Run.source_key == source_key))
             return result.scalar_one_or_none()
@@ -178,93 +171,53 @@ class RunStore:
                 for row in result.all()
             }
 
-    # --- the outbox ----------------------------------------------------------------------
-
-    async def mark_published(self, run_id: str) -> None:
-        async with self._transaction() as session:
-            await session.execute(
-                update(Run)
-                .where(Run.id == run_id, Run.published_at.is_(None))
-                .values(published_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
-
-    async def unpublished_run_ids(self, created_before: datetime, limit: int) -> list[str]:
-        """Queued runs whose job message was never accepted by the queue, oldest first."""
-        async with self._transaction() as session:
-            result = await session.execute(
-                select(Run.id)
-                .where(
-                    Run.status == RunStatus.QUEUED,
-                    Run.published_at.is_(None),
-                    Run.created_at < created_before,
-                )
-                .order_by(Run.created_at)
-                .limit(limit)
-            )
-            return list(result.scalars().all())
-
-    async def unfinished_run_ids(self, limit: int) -> list[str]:
-        """Runs not yet completed or failed, oldest first."""
-        async with self._transaction() as session:
-            result = await session.execute(
-                select(Run.id)
-                .where(Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]))
-                .order_by(Run.created_at)
-                .limit(limit)
-            )
-            return list(result.scalars().all())
-
     # --- claiming and leases -------------------------------------------------------------
 
     async def claim(
         self, run_id: str, owner: str, lease_seconds: float, delivery_attempt: int | None
     ) -> Claim:
         """Take the run's lease with one conditional UPDATE; explain why when it cannot."""
-        now = utcnow()
         async with self._transaction() as session:
             result = await session.execute(
                 update(Run)
-                .where(
-                    Run.id == run_id,
-                    Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]),
-                    (Run.lease_owner.is_(None)) | (Run.lease_expires_at < now),
-                )
+                .where(Run.id == run_id, Run.status.in_(UNFINISHED), no_live_lease())
                 .values(
                     status=RunStatus.RUNNING,
                     lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    started_at=func.coalesce(Run.started_at, now),
+                    lease_expires_at=db_time(lease_seconds),
+                    started_at=func.coalesce(Run.started_at, db_time()),
                     delivery_count=Run.delivery_count + 1,
                     last_delivery_attempt=func.coalesce(
                         delivery_attempt, Run.last_delivery_attempt
                     ),
-                    updated_at=now,
+                    updated_at=db_time(),
                 )
                 .execution_options(synchronize_session=False)
             )
             row = (
                 await session.execute(
-                    select(Run.status, Run.started_at, Run.delivery_count).where(Run.id == run_id)
+                    select(Run.status, Run.started_at, Run.delivery_count, db_time()).where(
+                        Run.id == run_id
+                    )
                 )
             ).one_or_none()
         if row is None:
             return Claim(ClaimOutcome.NOT_FOUND)
-        status, started_at, delivery_count = row
+        status, started_at, delivery_count, now = row
+        elapsed = (now - started_at).total_seconds() if started_at is not None else 0.0
         if _rowcount(result) == 1:
-            return Claim(ClaimOutcome.CLAIMED, status, started_at, delivery_count)
+            return Claim(ClaimOutcome.CLAIMED, status, elapsed, delivery_count)
         if status in (RunStatus.COMPLETED, RunStatus.FAILED):
-            return Claim(ClaimOutcome.FINISHED, status, started_at, delivery_count)
-        return Claim(ClaimOutcome.BUSY, status, started_at, delivery_count)
+            return Claim(ClaimOutcome.FINISHED, status, elapsed, delivery_count)
+        return Claim(ClaimOutcome.BUSY, status, elapsed, delivery_count)
 
     async def heartbeat(self, run_id: str, owner: str, lease_seconds: float) -> bool:
         """Extend the lease; False when it is no longer ours."""
-        now = utcnow()
         async with self._transaction() as session:
             result = await session.execute(
                 update(Run)
                 .where(Run.id == run_id, Run.lease_owner == owner)
-                .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+                .values(lease_expires_at=db_time(lease_seconds))
                 .execution_options(synchronize_session=False)
             )
             return _rowcount(result) == 1
@@ -279,7 +232,7 @@ class RunStore:
                     lease_owner=None,
                     lease_expires_at=None,
                     error_message=error,
-                    updated_at=utcnow(),
+                    updated_at=db_time(),
                 )
                 .execution_options(synchronize_session=False)
             )
@@ -303,7 +256,7 @@ class RunStore:
     async def step_started(self, run_id: str, owner: str, step: str) -> int:
         now = utcnow()
         async with self._transaction() as session:
-            await _fence(session, run_id, owner, now)
+            await _fence(session, run_id, owner)
             await session.execute(
                 update(StepProgress)
                 .where(StepProgress.run_id == run_id, StepProgress.step_name == step)
@@ -325,12 +278,12 @@ class RunStore:
         self, run_id: str, owner: str, step: str, error: str, usage: TokenUsage
     ) -> None:
         async with self._transaction() as session:
-            await _fence(session, run_id, owner, utcnow())
+            await _fence(session, run_id, owner)
             await session.execute(_step_update(run_id, step, usage).values(error_message=error))
 
     async def step_failed(self, run_id: str, owner: str, step: str, error: str) -> None:
         async with self._transaction() as session:
-            await _fence(session, run_id, owner, utcnow())
+            await _fence(session, run_id, owner)
             await session.execute(
                 _step_update(run_id, step, TokenUsage()).values(
                     status=StepStatus.FAILED, error_message=error
@@ -343,7 +296,7 @@ class RunStore:
         """Persist the step's output and mark it completed, atomically (the checkpoint)."""
         now = utcnow()
         async with self._transaction() as session:
-            await _fence(session, run_id, owner, now)
+            await _fence(session, run_id, owner)
             await session.execute(
                 _step_update(run_id, step, usage).values(
                     status=StepStatus.COMPLETED, completed_at=now, error_message=None
@@ -385,15 +338,14 @@ class RunStore:
 
     async def complete(self, run_id: str, owner: str) -> None:
         """Mark the run completed and drop the lease (its decision is already stored)."""
-        now = utcnow()
         async with self._transaction() as session:
-            await _fence(session, run_id, owner, now)
+            await _fence(session, run_id, owner)
             await session.execute(
                 update(Run)
                 .where(Run.id == run_id)
                 .values(
                     status=RunStatus.COMPLETED,
-                    completed_at=now,
+                    completed_at=db_time(),
                     error_message=None,
                     lease_owner=None,
                     lease_expires_at=None,
@@ -403,7 +355,6 @@ class RunStore:
 
     async def fail(self, run_id: str, owner: str, error: str) -> bool:
         """Mark the run failed for good; False if the lease was no longer ours."""
-        now = utcnow()
         async with self._transaction() as session:
             result = await session.execute(
                 update(Run)
@@ -411,8 +362,8 @@ class RunStore:
                 .values(
                     status=RunStatus.FAILED,
                     error_message=error,
-                    completed_at=now,
-                    updated_at=now,
+                    completed_at=db_time(),
+                    updated_at=db_time(),
                     lease_owner=None,
                     lease_expires_at=None,
                 )
@@ -455,16 +406,12 @@ class RunStore:
 
     async def list_attention(self, limit: int) -> list[Run]:
         """Runs an operator should look at: failed, or unfinished and not held by a live lease."""
-        now = utcnow()
         async with self._transaction() as session:
             result = await session.execute(
                 select(Run)
                 .where(
                     (Run.status == RunStatus.FAILED)
-                    | (
-                        Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING])
-                        & (Run.lease_expires_at.is_(None) | (Run.lease_expires_at < now))
-                    )
+                    | (Run.status.in_(UNFINISHED) & no_live_lease())
                 )
                 .order_by(Run.updated_at.desc())
                 .limit(limit)
@@ -475,7 +422,7 @@ class RunStore:
     async def delete_all(self) -> None:
         """Empty every table (tests and local resets only)."""
         async with self._transaction() as session:
-            for table in (QuarantinedMessage, PersonaReviewRow, StepProgress, Run):
+            for table in (DeadLetter, QuarantinedMessage, PersonaReviewRow, StepProgress, Run):
                 await session.execute(delete(table))
 
 
@@ -498,6 +445,8 @@ def _add_run(
         created_at=now,
         updated_at=now,
         queued_at=now,
+        # A run made from a pushed message came from the queue: nothing to publish.
+        published_at=now if source_key is not None else None,
         steps=[
             StepProgress(
                 step_name=name,
@@ -516,12 +465,13 @@ def _add_run(
     return run
 
 
-async def _fence(session: AsyncSession, run_id: str, owner: str, now: datetime) -> None:
-    """Touch the run only if `owner` still holds its lease; otherwise raise `LeaseLost`."""
+async def _fence(session: AsyncSession, run_id: str, owner: str) -> None:
+    """Touch the run (its last progress) only if `owner` still holds its lease; otherwise raise
+    `LeaseLost`."""
     result = await session.execute(
         update(Run)
         .where(Run.id == run_id, Run.lease_owner == owner, Run.status == RunStatus.RUNNING)
-        .values(updated_at=now)
+        .values(updated_at=db_time())
         .execution_options(synchronize_session=False)
     )
     if _rowcount(result) != 1:

@@ -68,6 +68,8 @@ class Run(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     delivery_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Times the sweep or the dead-letter receiver handed the run to the queue again.
+    requeue_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_delivery_attempt: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -89,6 +91,7 @@ class Run(Base):
         Index("ix_runs_created_at", "created_at"),
         Index("ix_runs_decision_label", "decision_label"),
         Index("ix_runs_unpublished", "status", "published_at"),
+        Index("ix_runs_status_updated_at", "status", "updated_at"),
     )
 
 
@@ -144,3 +147,19 @@ class QuarantinedMessage(Base):
     subscription: Mapped[str | None] = mapped_column(String(512))
     headers: Mapped[dict[str, str]] = mapped_column(JSONType)
     raw_body: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class DeadLetter(Base):
+    """A job Pub/Sub gave up on, and what the dead-letter receiver did with it."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    run_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    message_id: Mapped[str | None] = mapped_column(String(256))
+    source_subscription: Mapped[str | None] = mapped_column(String(512))
+    delivery_attempts: Mapped[int | None] = mapped_column(Integer)
+    # requeued | failed | finished | in_progress
+    action: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)

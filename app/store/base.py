@@ -1,0 +1,100 @@
+"""What every repository shares: one short transaction per call, driver errors classified, and
+the database's clock.
+
+Driver errors are translated here, at the edge: a failure that may pass (connection lost,
+timeout, resources exhausted, the server shutting down or starting, a cancelled statement, a
+serialization failure or deadlock) becomes `StoreUnavailable`; nothing above imports the driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Float, bindparam
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import FunctionElement
+
+from app.errors import StoreUnavailable
+from app.store.tables import UTCDateTime
+
+# SQLSTATE classes and codes after which the same statement may succeed later (PostgreSQL
+# Appendix A): connection exception, insufficient resources, operator intervention (shutdown,
+# starting up, statement cancelled), system error, and transaction rollback (serialization
+# failure, deadlock); plus lock_not_available and idle_in_transaction_session_timeout, which
+# the session timeouts raise.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58", "40")
+_TRANSIENT_SQLSTATES = frozenset({"55P03", "25P03"})
+
+
+class db_time(FunctionElement[datetime]):
+    """The database's current time plus `offset_seconds`: leases and staleness are judged on
+    one clock, whatever the instances' own clocks say."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+    def __init__(self, offset_seconds: float = 0.0) -> None:
+        super().__init__(
+            bindparam("offset_seconds", float(offset_seconds), type_=Float(), unique=True)
+        )
+
+
+@compiles(db_time, "postgresql")
+def _db_time_postgresql(element: db_time, compiler: SQLCompiler, **kw: Any) -> str:
+    offset = compiler.process(element.clauses, **kw)
+    return f"(clock_timestamp() + make_interval(secs => {offset}))"
+
+
+@compiles(db_time, "sqlite")
+def _db_time_sqlite(element: db_time, compiler: SQLCompiler, **kw: Any) -> str:
+    offset = compiler.process(element.clauses, **kw)
+    # The same text layout SQLAlchemy stores, so values compare as strings.
+    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', {offset}))"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for driver and pool failures that may pass on a later try."""
+    # OSError covers refused and reset connections and TimeoutError (asyncpg's command timeout).
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError | OSError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        if isinstance(sqlstate, str):
+            return sqlstate.startswith(_TRANSIENT_SQLSTATE_CLASSES) or (
+                sqlstate in _TRANSIENT_SQLSTATES
+            )
+    return False
+
+
+class Repository:
+    """Base of the repositories: sessions from one engine, one transaction per call."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work; failures that may pass become `StoreUnavailable`."""
+        try:
+            async with self._sessions.begin() as session:
+                yield session
+        except Exception as exc:
+            if is_transient(exc):
+                raise StoreUnavailable(f"database unavailable: {_describe(exc)}") from exc
+            raise
+
+
+def _describe(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)
+    name = type(orig).__name__ if orig is not None else type(exc).__name__
+    return f"{name} (SQLSTATE {sqlstate})" if sqlstate else name
