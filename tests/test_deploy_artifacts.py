@@ -29,6 +29,7 @@ from app.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 MANIFEST = ROOT / "infra" / "cloudrun" / "service.yaml"
+MANIFEST_README = ROOT / "infra" / "cloudrun" / "README.md"
 SCRIPTS = sorted((ROOT / "scripts").glob("*.sh"))
 SETTINGS_ENV_NAMES = {name.upper() for name in Settings.model_fields}
 # Set by Cloud Run itself; a manifest that sets them is rejected.
@@ -218,6 +219,34 @@ def test_delivery_attempts_fit_pubsub_range(manifest: Json) -> None:
     assert 5 <= _int_setting(manifest, "MAX_DELIVERY_ATTEMPTS") <= 100
 
 
+def test_stale_runs_are_those_past_their_lease_and_within_the_job_timeout(
+    manifest: Json,
+) -> None:
+    stale = _int_setting(manifest, "RUN_STALE_SECONDS")
+    # A live lease is never stale; a run past the job timeout is failed, not re-enqueued.
+    assert _int_setting(manifest, "RUN_LEASE_SECONDS") < stale
+    assert stale < _int_setting(manifest, "WORKER_JOB_TIMEOUT_SECONDS")
+
+
+CPU_THROTTLING = "run.googleapis.com/cpu-throttling"
+
+
+def test_manifest_and_its_readme_agree_on_cpu_allocation(manifest: Json) -> None:
+    value = _revision_annotations(manifest).get(CPU_THROTTLING)
+    # Stated, not left to Cloud Run's default: the sweep's design depends on it.
+    assert value in {"true", "false"}, f'{CPU_THROTTLING} must be set to "true" or "false"'
+    readme = MANIFEST_README.read_text()
+    stated = re.findall(rf'{re.escape(CPU_THROTTLING)}: "(\w+)"', readme)
+    assert stated, f"infra/cloudrun/README.md must state {CPU_THROTTLING}"
+    assert set(stated) == {value}, f"the README says {stated}, the manifest {value!r}"
+    if value == "true":
+        # CPU only during requests: what runs outside pushes must be triggered by a request,
+        # and the README must say so rather than claim that all work is in pushes.
+        assert "request-based" in readme
+        assert "Cloud Scheduler" in readme and "/tasks/sweep" in readme
+        assert not re.search(r"all (its|the) work\s+(happens\s+)?inside requests", readme)
+
+
 @pytest.mark.parametrize(
     ("push_auth", "invoker_iam_disabled"), [("oidc", "true"), ("cloud-run-iam", "false")]
 )
@@ -380,6 +409,64 @@ def test_setup_creates_the_push_subscription_the_manifest_expects(
     assert not gcloud.find("run", "services", "add-iam-policy-binding")
 
 
+def _seconds(duration: str) -> int:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, f"{duration!r} is not a duration in seconds"
+    return int(match.group(1))
+
+
+def test_setup_enables_cloud_scheduler(gcloud: FakeGcloud) -> None:
+    result = gcloud.run("setup_gcp.sh", "--project", PROJECT, FAKE_SERVICE_URL="https://x")
+    assert result.returncode == 0, result.stderr + result.stdout
+    enabled = {arg for call in gcloud.find("services", "enable") for arg in call[2:]}
+    assert "cloudscheduler.googleapis.com" in enabled
+    assert "pubsub.googleapis.com" in enabled and "run.googleapis.com" in enabled
+
+
+def test_setup_pushes_dead_letters_to_the_dead_letter_receiver(
+    gcloud: FakeGcloud, tmp_path: Path
+) -> None:
+    url = "https://consensus-engine-abc-ew.a.run.app"
+    result = gcloud.run("setup_gcp.sh", "--project", PROJECT, FAKE_SERVICE_URL=url)
+    assert result.returncode == 0, result.stderr + result.stdout
+    rendered = _env_values(_load(_render(tmp_path)))
+
+    (create,) = gcloud.find("pubsub", "subscriptions", "create", "consensus-engine-jobs-dlq-push")
+    assert _flag(create, "topic") == "consensus-engine-jobs-dlq"
+    assert _flag(create, "push-endpoint") == f"{url}/pubsub/dead-letter"
+    # The same OIDC identity and audience as /pubsub/push: the app verifies both alike.
+    assert _flag(create, "push-auth-service-account") == rendered["PUSH_SERVICE_ACCOUNTS"]
+    assert _flag(create, "push-auth-token-audience") == rendered["PUSH_AUDIENCE"]
+    assert _flag(create, "ack-deadline") == rendered["WORKER_ACK_DEADLINE_SECONDS"]
+    assert _flag(create, "min-retry-delay") and _flag(create, "max-retry-delay")
+    # The receiver always acknowledges: no dead-letter policy of its own.
+    assert not [arg for arg in create if arg.startswith(("--dead-letter", "--max-delivery"))]
+    # The keeping pull subscription stays for operators.
+    (keep,) = gcloud.find("pubsub", "subscriptions", "create", "consensus-engine-jobs-dlq-sub")
+    assert not [arg for arg in keep if arg.startswith("--push-endpoint")]
+
+
+def test_setup_schedules_the_sweep_with_the_push_identity(
+    gcloud: FakeGcloud, tmp_path: Path
+) -> None:
+    url = "https://consensus-engine-abc-ew.a.run.app"
+    result = gcloud.run("setup_gcp.sh", "--project", PROJECT, FAKE_SERVICE_URL=url)
+    assert result.returncode == 0, result.stderr + result.stdout
+    rendered = _env_values(_load(_render(tmp_path)))
+
+    (create,) = gcloud.find("scheduler", "jobs", "create", "http", "consensus-engine-sweep")
+    assert _flag(create, "uri") == f"{url}/tasks/sweep"
+    assert _flag(create, "http-method").upper() == "POST"
+    assert _flag(create, "schedule") == "* * * * *"
+    assert _flag(create, "location") == "us-central1"
+    # A token the app's push verification (oidc) and Cloud Run IAM (cloud-run-iam) admit.
+    assert _flag(create, "oidc-service-account-email") == rendered["PUSH_SERVICE_ACCOUNTS"]
+    assert _flag(create, "oidc-token-audience") == rendered["PUSH_AUDIENCE"]
+    assert not [arg for arg in create if arg.startswith("--oauth-")]
+    # Cloud Scheduler's range for HTTP targets; and shorter than the schedule's minute.
+    assert 15 <= _seconds(_flag(create, "attempt-deadline")) <= 60
+
+
 def test_setup_updates_what_exists(gcloud: FakeGcloud) -> None:
     result = gcloud.run(
         "setup_gcp.sh", "--project", PROJECT, FAKE_GCLOUD_EXISTS="1", FAKE_SERVICE_URL="https://x"
@@ -391,6 +478,14 @@ def test_setup_updates_what_exists(gcloud: FakeGcloud) -> None:
     assert [call[:3] for call in creates] == [["sql", "users", "create"]], creates
     (update,) = gcloud.find("pubsub", "subscriptions", "update", "consensus-engine-jobs-sub")
     assert _flag(update, "push-endpoint") == "https://x/pubsub/push"
+    (dlq,) = gcloud.find("pubsub", "subscriptions", "update", "consensus-engine-jobs-dlq-push")
+    assert _flag(dlq, "push-endpoint") == "https://x/pubsub/dead-letter"
+    assert "--clear-dead-letter-policy" in dlq
+    (job,) = gcloud.find("scheduler", "jobs", "update", "http", "consensus-engine-sweep")
+    assert _flag(job, "uri") == "https://x/tasks/sweep"
+    assert _flag(job, "oidc-service-account-email") == (
+        f"consensus-push-invoker@{PROJECT}.iam.gserviceaccount.com"
+    )
 
 
 def test_setup_grants_run_invoker_only_in_cloud_run_iam_mode(gcloud: FakeGcloud) -> None:
@@ -411,6 +506,8 @@ def test_setup_without_a_deployed_service_stops_before_the_push_subscription(
     assert result.returncode == 0, result.stderr + result.stdout
     assert "deploy.sh" in result.stdout
     assert not gcloud.find("pubsub", "subscriptions", "create", "consensus-engine-jobs-sub")
+    assert not gcloud.find("pubsub", "subscriptions", "create", "consensus-engine-jobs-dlq-push")
+    assert not gcloud.find("scheduler", "jobs", "create")
 
 
 def test_deploy_builds_migrates_and_replaces(gcloud: FakeGcloud) -> None:
