@@ -176,6 +176,22 @@ async def test_unwrapped_push_with_unstorable_metadata_is_quarantined(
     )
 
 
+async def test_push_with_unstorable_headers_is_quarantined_without_credentials(
+    app_client: AppClient,
+) -> None:
+    app, client = app_client
+    headers = {
+        "authorization": "Bearer secret",
+        "x-goog-pubsub-message-id": "m\u0000",
+        "x-nul": "a\u0000b",
+        "x-long": "v" * 100_000,
+    }
+    await assert_quarantined(app, client, job().encode(), headers)
+    row = (await services_of(app).store.list_quarantined(1, 0))[0]
+    assert "authorization" not in row.headers and row.message_id is None
+    assert row.headers["x-nul"] == "a\ufffdb"
+
+
 def test_unstorable_ids_are_not_passed_on() -> None:
     for message_id in ["m\u0000", "m\ud800", "m" * 257]:
         try:
