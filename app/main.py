@@ -46,7 +46,7 @@ from app.sweep import Sweeper
 
 # How long a cached readiness answer stands on the request path.
 SCHEMA_CHECK_TTL_SECONDS = 5.0
-SHUTDOWN_DB_CLOSE_SECONDS = 3.0
+SHUTDOWN_DB_CLOSE_SECONDS = 2.0
 
 
 def create_app(settings: Settings) -> FastAPI:

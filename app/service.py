@@ -36,7 +36,7 @@ class ExecutionLimits:
 
 # Bounds the store calls made after the work is over (release, fail) so that a database that
 # hangs cannot hold a delivery, or the shutdown, past its deadline: the lease expires anyway.
-WRAP_UP_TIMEOUT_SECONDS = 3.0
+WRAP_UP_TIMEOUT_SECONDS = 2.0
 
 
 class LeaseExpired(TransientError):
