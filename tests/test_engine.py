@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.pool import QueuePool
 
 from app.settings import Settings
-from app.store.db import build_engine, current_revision, head_revision
+from app.store.db import build_engine, connection_bounds, current_revision, head_revision
 from tests.conftest import PG_ADMIN_DSN
 
 
@@ -67,7 +67,11 @@ async def test_cloud_sql_connector_mode(pg_url: str, iam: bool) -> None:
 
     instance, driver, options = connector.calls[0]
     assert (instance, driver) == ("proj:europe-west1:consensus-db", "asyncpg")
-    expected: dict[str, Any] = {"user": config.db_user, "db": "consensus_engine"}
+    expected: dict[str, Any] = {
+        "user": config.db_user,
+        "db": "consensus_engine",
+        **connection_bounds(config),
+    }
     expected.update({"enable_iam_auth": True} if iam else {"password": "s3cret"})
     assert options == expected
 
@@ -88,6 +92,23 @@ async def test_database_url_mode_uses_a_bounded_pool(pg_url: str) -> None:
             assert (await connection.execute(text("select 1"))).scalar() == 1
     finally:
         await engine.dispose()
+
+
+async def test_every_database_session_is_bounded(pg_url: str) -> None:
+    """Statement, lock and idle-in-transaction timeouts and keepalives on the server side."""
+    engine = build_engine(settings(database_url=pg_url, db_statement_timeout_seconds=7))
+    names = (
+        "statement_timeout",
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
+        "tcp_keepalives_idle",
+    )
+    try:
+        async with engine.connect() as connection:
+            shown = [(await connection.execute(text(f"SHOW {name}"))).scalar() for name in names]
+    finally:
+        await engine.dispose()
+    assert shown == ["7s", "7s", "21s", "10"]
 
 
 def test_db_fields_mode_builds_the_url() -> None:

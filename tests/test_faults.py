@@ -238,6 +238,22 @@ async def test_an_instance_started_during_an_outage_serves_once_the_database_ret
     await assert_executed_once(store, llm, [run.id])
 
 
+async def test_the_api_answers_503_when_the_database_goes_away_mid_request(
+    make_settings: Callable[..., Settings], pg_url: str, llm: FakeOpenAI
+) -> None:
+    async with proxied_database(pg_url) as (proxy, proxied):
+        async with running_app(make_settings(database_url=proxied, **FAST_DB)) as (app, client):
+            run_id = await new_run(app)
+            assert (await client.get(f"/v1/runs/{run_id}")).status_code == 200
+            await proxy.stop()  # readiness still cached as current: the query itself fails
+            for path in (f"/v1/runs/{run_id}", "/v1/runs"):
+                response = await client.get(path)
+                assert response.status_code == 503
+                assert response.json()["code"] == "database_unavailable"
+            submitted = await client.post("/v1/full-review", json={"idea": "A seed library."})
+            assert submitted.status_code == 503
+
+
 @pytest.fixture
 async def limited_role_url(pg_url: str) -> AsyncIterator[str]:
     """The test database through a role allowed only 2 connections."""

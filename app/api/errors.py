@@ -10,7 +10,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from loguru import logger
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import StoreUnavailable
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -79,6 +82,12 @@ def install_error_handlers(app: FastAPI) -> None:
             for e in exc.errors()
         ]
         return error_response(422, "validation_error", "request validation failed", details)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        # The database failed mid-request in a way that may pass: worth a retry, not a 500.
+        logger.warning("request answered 503: {}", exc)
+        return error_response(503, "database_unavailable", "database unavailable; retry later")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
