@@ -242,7 +242,8 @@ async def test_the_api_answers_503_when_the_database_goes_away_mid_request(
     make_settings: Callable[..., Settings], pg_url: str, llm: FakeOpenAI
 ) -> None:
     async with proxied_database(pg_url) as (proxy, proxied):
-        async with running_app(make_settings(database_url=proxied, **FAST_DB)) as (app, client):
+        settings = make_settings(database_url=proxied, **FAST_DB)
+        async with running_app(settings) as (app, client):
             run_id = await new_run(app)
             assert (await client.get(f"/v1/runs/{run_id}")).status_code == 200
             await proxy.stop()  # readiness still cached as current: the query itself fails
