@@ -876,3 +876,19 @@ def test_production_guards_the_api_when_push_auth_is_oidc() -> None:
     assert guarded.effective_api_auth == "oidc"
     behind_iam = Settings(_env_file=None, **{**production, "push_auth": "cloud-run-iam"})
     assert behind_iam.effective_api_auth == "none"
+
+
+@pytest.mark.parametrize(
+    ("path", "accepted"), [("/pubsub/dead-letter", 204), ("/tasks/sweep", 200)]
+)
+async def test_dead_letters_and_the_sweep_are_guarded_like_pushes(
+    make_settings: Callable[..., Settings], llm: FakeOpenAI, path: str, accepted: int
+) -> None:
+    settings = make_settings(push_auth="cloud-run-iam", push_service_accounts=PUSHER)
+    body = encode_wrapped({"idea": "A seed library."}, "m-guard", "projects/p/subscriptions/s")
+    async with running_app(settings) as (_, client):
+        assert (await client.post(path, content=body)).status_code == 401
+        other = {"authorization": _bearer(_unsigned(email=OTHER))}
+        assert (await client.post(path, content=body, headers=other)).status_code == 403
+        pusher = {"authorization": _bearer(_unsigned())}
+        assert (await client.post(path, content=body, headers=pusher)).status_code == accepted
