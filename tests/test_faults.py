@@ -255,39 +255,42 @@ async def test_the_api_answers_503_when_the_database_goes_away_mid_request(
             assert submitted.status_code == 503
 
 
+async def execute(dsn: str, *statements: str) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
 @pytest.fixture
 async def limited_role_url(pg_url: str) -> AsyncIterator[str]:
     """The test database through a role allowed only 2 connections."""
     role = f"ce_limited_{uuid.uuid4().hex[:8]}"
     database = pg_url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    owner_dsn = pg_url.replace("postgresql+asyncpg://", "postgresql://")
+    await execute(
+        PG_ADMIN_DSN,
+        f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2",
+        f'GRANT ALL ON DATABASE "{database}" TO {role}',
+    )
+    await execute(
+        owner_dsn,
+        f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}",
+        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}",
+    )
     try:
-        await admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2")
-        await admin.execute(f'GRANT ALL ON DATABASE "{database}" TO {role}')
+        yield f"postgresql+asyncpg://{role}@{pg_url.split('@', 1)[1]}"
     finally:
-        await admin.close()
-    owner = await asyncpg.connect(pg_url.replace("postgresql+asyncpg://", "postgresql://"))
-    try:
-        await owner.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
-        await owner.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}")
-    finally:
-        await owner.close()
-    host_and_db = pg_url.split("@", 1)[1]
-    try:
-        yield f"postgresql+asyncpg://{role}@{host_and_db}"
-    finally:
-        owner = await asyncpg.connect(pg_url.replace("postgresql+asyncpg://", "postgresql://"))
-        try:
-            await owner.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}")
-            await owner.execute(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}")
-        finally:
-            await owner.close()
-        admin = await asyncpg.connect(PG_ADMIN_DSN)
-        try:
-            await admin.execute(f'REVOKE ALL ON DATABASE "{database}" FROM {role}')
-            await admin.execute(f"DROP ROLE {role}")
-        finally:
-            await admin.close()
+        await execute(
+            owner_dsn,
+            f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}",
+            f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}",
+        )
+        await execute(
+            PG_ADMIN_DSN, f'REVOKE ALL ON DATABASE "{database}" FROM {role}', f"DROP ROLE {role}"
+        )
 
 
 async def test_too_many_connections_answers_503_and_keeps_no_lease(
