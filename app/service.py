@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -213,7 +213,10 @@ class Runner:
             # Conservative: the claim's expiry was set before this point on the database.
             valid_until = loop.time() + lease
             while not task.done():
-                await asyncio.sleep(min(lease / 3, max(valid_until - loop.time(), 0) / 2))
+                # Every third of the lease; after a failure sooner, halving the time left, so a
+                # renewal still lands if the database comes back before the lease expires.
+                remaining = valid_until - loop.time()
+                await asyncio.sleep(min(lease / 3, max(remaining / 2, lease / 12)))
                 sent = loop.time()
                 try:
                     async with asyncio.timeout(valid_until - sent):
@@ -243,10 +246,10 @@ class Runner:
             raise
         finally:
             keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            task.cancel()
+            # Their clean-up may wait on a database that hangs (a rollback on a dead connection):
+            # bounded here, it finishes on its own; nothing renews the lease meanwhile.
+            await asyncio.wait({keeper, task}, timeout=WRAP_UP_TIMEOUT_SECONDS)
 
     async def _transient(self, run_id: str, owner: str, error: str) -> Outcome:
         logger.warning("transient failure, releasing for redelivery: {}", error)
@@ -256,22 +259,34 @@ class Runner:
     async def _release(self, run_id: str, owner: str, error: str) -> None:
         """Give the lease back, bounded: if the database does not answer, it expires."""
         try:
-            async with asyncio.timeout(WRAP_UP_TIMEOUT_SECONDS):
-                await self._store.release(run_id, owner, error)
+            await _wrap_up(self._store.release(run_id, owner, error))
         except (TimeoutError, StoreUnavailable) as exc:
-            logger.warning("could not release the lease; it will expire: {}", exc)
+            logger.warning("could not release the lease; it will expire: {!r}", exc)
 
     async def _fail(self, run_id: str, owner: str, error: str) -> Outcome:
         try:
-            async with asyncio.timeout(WRAP_UP_TIMEOUT_SECONDS):
-                failed = await self._store.fail(run_id, owner, error)
+            failed = await _wrap_up(self._store.fail(run_id, owner, error))
         except (TimeoutError, StoreUnavailable) as exc:
-            logger.warning("could not mark the run failed; a redelivery will: {}", exc)
+            logger.warning("could not mark the run failed; a redelivery will: {!r}", exc)
             return Outcome.RETRY
         if not failed:
             return Outcome.LEASE_BUSY
         logger.error("job failed: {}", error, lifecycle_event="job_failed")
         return Outcome.FAILED
+
+
+async def _wrap_up(call: Coroutine[object, object, R]) -> R:
+    """Await `call` for at most `WRAP_UP_TIMEOUT_SECONDS`, else raise TimeoutError at once.
+
+    Unlike `asyncio.timeout`, this does not wait for the abandoned call to finish cancelling,
+    which on a database that hangs can take as long as the call itself.
+    """
+    task = asyncio.ensure_future(call)
+    done, _ = await asyncio.wait({task}, timeout=WRAP_UP_TIMEOUT_SECONDS)
+    if not done:
+        task.cancel()
+        raise TimeoutError(f"no answer within {WRAP_UP_TIMEOUT_SECONDS:g}s")
+    return task.result()
 
 
 class PushReceiver:

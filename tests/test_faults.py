@@ -188,7 +188,7 @@ async def test_sigterm_exits_in_time_with_the_database_hanging(
         llm.step_delay[f"review_{persona}"] = 30.0
     async with proxied_database(pg_url) as (proxy, proxied):
         app = await asyncio.to_thread(
-            start_app, DATABASE_URL=proxied, RUN_LEASE_SECONDS="60", **FAST_DB_ENV
+            start_app, DATABASE_URL=proxied, RUN_LEASE_SECONDS="60"
         )
         run = await store.create_run("A community tool library.", None)
         body = encode_wrapped({"run_id": run.id}, "m-sigterm", SUBSCRIPTION)
