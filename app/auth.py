@@ -47,6 +47,10 @@ MIN_REFETCH_INTERVAL_SECONDS = 60.0
 # Google has withdrawn would be trusted too long, so past the grace it is 503 again.
 CERTS_STALE_GRACE_SECONDS = 6 * 3600.0
 CERTS_FETCH_TIMEOUT_SECONDS = 10.0
+# Pub/Sub sends the same token with every push until it expires (about an hour): remembering
+# the tokens already verified turns a redelivery storm's checks into dict lookups instead of a
+# signature check in a worker thread each. Bounded; the oldest entry goes first.
+VERIFIED_TOKENS_MAX = 1024
 # Google's ID tokens are about 1 KB; anything far larger is not worth decoding.
 MAX_TOKEN_CHARS = 8192
 
@@ -143,6 +147,12 @@ class CloudRunIamAuthenticator:
 
 
 @dataclass(frozen=True)
+class _Verified:
+    email: str
+    expires_at: float  # the token's `exp` plus the skew, on the authenticator's clock
+
+
+@dataclass(frozen=True)
 class _CertCache:
     certs: Mapping[str, str]
     expires_at: float  # on the authenticator's monotonic clock
@@ -156,7 +166,7 @@ class OidcAuthenticator:
     keeps verifying for up to `stale_grace` seconds, refetched at most every
     `min_refetch_interval`. Callers that need certificates while a fetch is running await that
     same fetch instead of starting their own, and all blocking work (HTTP fetch, signature
-    check) runs in a worker thread.
+    check) runs in a worker thread. A token that verified is remembered until its `exp`.
     """
 
     def __init__(
@@ -186,10 +196,16 @@ class OidcAuthenticator:
         self._last_fetch_started: float | None = None
         self._last_fetch_failed = False
         self._inflight: asyncio.Task[_CertCache] | None = None
+        self._verified: dict[str, _Verified] = {}
 
     async def verify(self, authorization: str | None) -> str | None:
         """Return the verified caller's email or raise AuthError."""
         token = _bearer_token(authorization)
+        known = self._verified.get(token)
+        if known is not None:
+            if self._clock() < known.expires_at:
+                return known.email
+            del self._verified[token]
         key_id = _signing_key_id(token)
         pem = await self._certificate(key_id)
         try:
@@ -208,7 +224,14 @@ class OidcAuthenticator:
             logger.warning("auth rejected: malformed token or bad signature")
             raise _unauthorized() from None
         _check_google_claims(claims)
-        return _pin_email(claims, self._allowed)
+        email = _pin_email(claims, self._allowed)
+        expires_at = claims.get("exp")
+        if isinstance(expires_at, int | float):
+            if len(self._verified) >= VERIFIED_TOKENS_MAX:
+                del self._verified[next(iter(self._verified))]
+            lifetime = expires_at + CLOCK_SKEW_SECONDS - time.time()
+            self._verified[token] = _Verified(email, self._clock() + lifetime)
+        return email
 
     async def aclose(self) -> None:
         """Abandon any in-flight certificate fetch and close the HTTP session."""

@@ -11,6 +11,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,9 +23,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from google.auth import jwt as google_jwt
 from loguru import logger
 
 from app.auth import (
+    CLOCK_SKEW_SECONDS,
     AuthError,
     CloudRunIamAuthenticator,
     NoAuthenticator,
@@ -91,6 +94,8 @@ def _claims(**overrides: Any) -> dict[str, Any]:
         "email_verified": True,
         "iat": now,
         "exp": now + 3600,
+        # Unique, so two tokens signed in the same second differ (verified ones are remembered).
+        "jti": uuid.uuid4().hex,
     }
     claims.update(overrides)
     return {name: value for name, value in claims.items() if value is not None}
@@ -438,13 +443,12 @@ async def test_rotated_key_is_picked_up_by_the_refetch(
 async def test_certificates_are_cached_until_max_age(
     oidc: OidcAuthenticator, key: SigningKey, certs_server: CertsServer, clock: FakeClock
 ) -> None:
-    token = _bearer(_sign(key))
-    assert await oidc.verify(token) == PUSHER
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     clock.now += MAX_AGE - 1
-    assert await oidc.verify(token) == PUSHER
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     assert certs_server.fetches == 1
     clock.now += 2
-    assert await oidc.verify(token) == PUSHER
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     assert certs_server.fetches == 2
 
 
@@ -453,13 +457,12 @@ async def test_without_max_age_the_default_lifetime_applies(
 ) -> None:
     certs_server.max_age = None
     oidc = make_oidc(default_max_age=300.0)
-    token = _bearer(_sign(key))
-    await oidc.verify(token)
+    await oidc.verify(_bearer(_sign(key)))
     clock.now += 299
-    await oidc.verify(token)
+    await oidc.verify(_bearer(_sign(key)))
     assert certs_server.fetches == 1
     clock.now += 2
-    await oidc.verify(token)
+    await oidc.verify(_bearer(_sign(key)))
     assert certs_server.fetches == 2
 
 
@@ -569,14 +572,14 @@ async def test_expired_cache_within_the_grace_keeps_verifying_when_the_refresh_f
 ) -> None:
     certs_server.max_age = 1
     token = _bearer(_sign(key))
-    assert await oidc.verify(token) == PUSHER
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     _fail(certs_server, failure)
     clock.now += 2
     lines: list[str] = []
     sink = logger.add(lines.append, level="WARNING", format="{level} {message}")
     try:
         # Concurrent requests share the one failed refresh, which warns once.
-        results = await asyncio.gather(*(oidc.verify(token) for _ in range(5)))
+        results = await asyncio.gather(*(oidc.verify(_bearer(_sign(key))) for _ in range(5)))
     finally:
         logger.remove(sink)
     assert results == [PUSHER] * 5
@@ -592,13 +595,12 @@ async def test_expired_cache_past_the_grace_with_the_endpoint_down_is_503(
     make_oidc: MakeOidc, key: SigningKey, certs_server: CertsServer, clock: FakeClock
 ) -> None:
     oidc = make_oidc(stale_grace=30.0)
-    token = _bearer(_sign(key))
-    assert await oidc.verify(token) == PUSHER
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     certs_server.status = 503
     clock.now += MAX_AGE + 29
-    assert await oidc.verify(token) == PUSHER
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     clock.now += 2
-    await _rejected(oidc.verify(token), 503)
+    await _rejected(oidc.verify(_bearer(_sign(key))), 503)
     assert certs_server.fetches == 3
 
 
@@ -606,29 +608,28 @@ async def test_a_failing_refresh_is_retried_at_most_once_a_minute(
     oidc: OidcAuthenticator, key: SigningKey, certs_server: CertsServer, clock: FakeClock
 ) -> None:
     certs_server.max_age = 1
-    token = _bearer(_sign(key))
-    assert await oidc.verify(token) == PUSHER
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     certs_server.status = 500
     clock.now += 2
-    assert await oidc.verify(token) == PUSHER
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     assert certs_server.fetches == 2
     for _ in range(3):
         clock.now += 10
-        assert await oidc.verify(token) == PUSHER
+        assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     assert certs_server.fetches == 2
     clock.now += 31  # 61 s after the failed fetch started
-    assert await oidc.verify(token) == PUSHER
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     assert certs_server.fetches == 3
     certs_server.status = 200
     clock.now += 30
-    assert await oidc.verify(token) == PUSHER
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     assert certs_server.fetches == 3
     clock.now += 31
-    assert await oidc.verify(token) == PUSHER
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     assert certs_server.fetches == 4
     # Once a refresh succeeds again, a short max-age is honoured without the rate limit.
     clock.now += 2
-    assert await oidc.verify(token) == PUSHER
+    assert await oidc.verify(_bearer(_sign(key))) == PUSHER
     assert certs_server.fetches == 5
 
 
@@ -892,3 +893,33 @@ async def test_dead_letters_and_the_sweep_are_guarded_like_pushes(
         assert (await client.post(path, content=body, headers=other)).status_code == 403
         pusher = {"authorization": _bearer(_unsigned())}
         assert (await client.post(path, content=body, headers=pusher)).status_code == accepted
+
+
+async def test_a_verified_token_is_remembered_until_it_expires(
+    oidc: OidcAuthenticator, key: SigningKey, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A redelivery storm sends one token again and again: checked once, then looked up."""
+    decoded: list[str] = []
+    real_decode = google_jwt.decode
+
+    def counting_decode(token: str, **kwargs: Any) -> Any:
+        decoded.append(token)
+        return real_decode(token, **kwargs)  # type: ignore[no-untyped-call]
+
+    # app.auth calls google-auth through its module, so this is what it calls.
+    monkeypatch.setattr(google_jwt, "decode", counting_decode)
+    token = _bearer(_sign(key))
+    for _ in range(5):
+        assert await oidc.verify(token) == PUSHER
+    assert len(decoded) == 1
+
+    # Past its exp (and the skew) the remembered answer no longer stands: checked again.
+    clock.now += 3600 + CLOCK_SKEW_SECONDS + 1
+    assert await oidc.verify(token) == PUSHER
+    assert len(decoded) == 2
+
+    # A refused token is never remembered.
+    other = _bearer(_sign(key, email=OTHER))
+    for _ in range(2):
+        await _rejected(oidc.verify(other), 403)
+    assert len(decoded) == 4
