@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test lint format clean
+.PHONY: run test lint format clean bench
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -24,6 +24,11 @@ lint: $(BIN)/.installed
 
 test: lint
 	$(BIN)/pytest
+
+# Performance table (docs/PERFORMANCE.md): PostgreSQL on 127.0.0.1:5432 and wrk (installed
+# through apt when missing and root). BENCH_ARGS="--markdown", BENCH_APP_ENV="NAME=VALUE ...".
+bench: $(BIN)/.installed
+	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
