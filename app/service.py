@@ -21,7 +21,7 @@ from app.domain.pipeline import PipelineConfig, run_pipeline
 from app.errors import LeaseLost, PermanentError, StoreUnavailable, TransientError
 from app.push.envelope import MalformedPush, decode_push, parse_job, quarantine_headers
 from app.push.policy import Outcome
-from app.store.runs import ClaimOutcome, RunStore
+from app.store.runs import ClaimOutcome, RunStatus, RunStore
 
 R = TypeVar("R")
 
@@ -33,6 +33,11 @@ class ExecutionLimits:
     job_timeout_seconds: float
     max_concurrent_runs: int
 
+
+# Finished runs remembered per instance, so a redelivery storm of finished work is answered
+# without the database; bounded, oldest out first.
+FINISHED_RUNS_REMEMBERED = 10_000
+_FINISHED = frozenset({RunStatus.COMPLETED, RunStatus.FAILED})
 
 # Bounds the store calls made after the work is over (release, fail) so that a database that
 # hangs cannot hold a delivery, or the shutdown, past its deadline: the lease expires anyway.
@@ -92,6 +97,7 @@ class Runner:
         self._instance_id = instance_id
         self._running: set[asyncio.Task[object]] = set()
         self._draining = False
+        self._finished: dict[str, str] = {}
 
     def begin_shutdown(self) -> None:
         """Stop claiming; cancel in-flight pipelines, which keep checkpoints and release leases."""
@@ -106,6 +112,22 @@ class Runner:
         """One delivery of `run_id`; None when no such run exists."""
         if self._draining:
             return Outcome.SHUTTING_DOWN
+        # A duplicate of finished work takes no run slot and, once seen, no database call.
+        status = self._finished.get(run_id)
+        if status is None:
+            status = await self._store.status(run_id)
+            if status is None:
+                return None
+            if status in _FINISHED:
+                self._remember_finished(run_id, status)
+        if status in _FINISHED:
+            logger.info(
+                "run already {}; acknowledging duplicate delivery",
+                status,
+                run_id=run_id,
+                lifecycle_event="idempotent_skip",
+            )
+            return Outcome.ALREADY_DONE
         if len(self._running) >= self._limits.max_concurrent_runs:
             logger.warning("at WORKER_MAX_CONCURRENCY; asking Pub/Sub to redeliver", run_id=run_id)
             return Outcome.OVERLOADED
@@ -135,6 +157,8 @@ class Runner:
         if claim.outcome is ClaimOutcome.NOT_FOUND:
             return None
         if claim.outcome is ClaimOutcome.FINISHED:
+            assert claim.status is not None
+            self._remember_finished(run_id, claim.status)
             logger.info(
                 "run already {}; acknowledging duplicate delivery",
                 claim.status,
@@ -168,6 +192,7 @@ class Runner:
                     run_pipeline(run, checkpoint, self._llm, progress, self._config),
                 )
                 await self._store.complete(run_id, owner)
+            self._remember_finished(run_id, RunStatus.COMPLETED)
         except TimeoutError:
             if job_timeout_binds:
                 return await self._fail(run_id, owner, job_timeout)
@@ -271,8 +296,15 @@ class Runner:
             return Outcome.RETRY
         if not failed:
             return Outcome.LEASE_BUSY
+        self._remember_finished(run_id, RunStatus.FAILED)
         logger.error("job failed: {}", error, lifecycle_event="job_failed")
         return Outcome.FAILED
+
+    def _remember_finished(self, run_id: str, status: str) -> None:
+        """Finished is final: a completed or failed run never runs again."""
+        if len(self._finished) >= FINISHED_RUNS_REMEMBERED:
+            del self._finished[next(iter(self._finished))]
+        self._finished[run_id] = status
 
 
 async def _wrap_up(call: Coroutine[object, object, R]) -> R:

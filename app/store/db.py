@@ -44,7 +44,9 @@ def build_engine(settings: Settings, connector: CloudSQLConnector | None = None)
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
         "pool_timeout": settings.db_pool_timeout_seconds,
-        "pool_pre_ping": True,
+        # No ping on every checkout (a round trip per transaction): a connection that died
+        # fails its statement, SQLAlchemy invalidates the pool, and the delivery answers 503.
+        "pool_pre_ping": False,
     }
     bounds = connection_bounds(settings)
     if not settings.use_cloud_sql_connector:

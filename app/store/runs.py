@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -173,6 +173,12 @@ class RunStore(Repository):
 
     # --- claiming and leases -------------------------------------------------------------
 
+    async def status(self, run_id: str) -> str | None:
+        """The run's status (one primary-key read), or None when there is no such run."""
+        async with self._transaction() as session:
+            status = await session.scalar(select(Run.status).where(Run.id == run_id))
+            return None if status is None else str(status)
+
     async def claim(
         self, run_id: str, owner: str, lease_seconds: float, delivery_attempt: int | None
     ) -> Claim:
@@ -254,40 +260,41 @@ class RunStore(Repository):
     # --- progress, fenced by the lease ---------------------------------------------------
 
     async def step_started(self, run_id: str, owner: str, step: str) -> int:
-        now = utcnow()
+        """Count a new attempt of `step`; its number across all deliveries."""
         async with self._transaction() as session:
-            await _fence(session, run_id, owner)
-            await session.execute(
-                update(StepProgress)
-                .where(StepProgress.run_id == run_id, StepProgress.step_name == step)
+            attempts = await session.scalar(
+                _step_update(run_id, owner, step, TokenUsage())
                 .values(
                     status=StepStatus.RUNNING,
                     attempts=StepProgress.attempts + 1,
-                    started_at=func.coalesce(StepProgress.started_at, now),
+                    started_at=func.coalesce(StepProgress.started_at, utcnow()),
                 )
-                .execution_options(synchronize_session=False)
+                .returning(StepProgress.attempts)
             )
-            attempts = await session.scalar(
-                select(StepProgress.attempts).where(
-                    StepProgress.run_id == run_id, StepProgress.step_name == step
-                )
-            )
-            return int(attempts or 0)
+            if attempts is None:
+                raise _lease_lost(run_id, owner)
+            return int(attempts)
 
     async def attempt_failed(
         self, run_id: str, owner: str, step: str, error: str, usage: TokenUsage
     ) -> None:
         async with self._transaction() as session:
-            await _fence(session, run_id, owner)
-            await session.execute(_step_update(run_id, step, usage).values(error_message=error))
+            await _write(
+                session,
+                _step_update(run_id, owner, step, usage).values(error_message=error),
+                run_id,
+                owner,
+            )
 
     async def step_failed(self, run_id: str, owner: str, step: str, error: str) -> None:
         async with self._transaction() as session:
-            await _fence(session, run_id, owner)
-            await session.execute(
-                _step_update(run_id, step, TokenUsage()).values(
+            await _write(
+                session,
+                _step_update(run_id, owner, step, TokenUsage()).values(
                     status=StepStatus.FAILED, error_message=error
-                )
+                ),
+                run_id,
+                owner,
             )
 
     async def step_completed(
@@ -295,21 +302,13 @@ class RunStore(Repository):
     ) -> None:
         """Persist the step's output and mark it completed, atomically (the checkpoint)."""
         now = utcnow()
+        done = {"status": StepStatus.COMPLETED, "completed_at": now, "error_message": None}
         async with self._transaction() as session:
-            await _fence(session, run_id, owner)
-            await session.execute(
-                _step_update(run_id, step, usage).values(
-                    status=StepStatus.COMPLETED, completed_at=now, error_message=None
+            if step in _PERSONA_BY_STEP:
+                # Five reviews complete at once: their fences share the run's row.
+                await _write(
+                    session, _step_update(run_id, owner, step, usage).values(**done), run_id, owner
                 )
-            )
-            if step == EXPAND_STEP:
-                await session.execute(
-                    update(Run)
-                    .where(Run.id == run_id)
-                    .values(proposal=output.model_dump(mode="json"))
-                    .execution_options(synchronize_session=False)
-                )
-            elif step in _PERSONA_BY_STEP:
                 persona = _PERSONA_BY_STEP[step]
                 assert isinstance(output, PersonaReview)
                 session.add(
@@ -323,34 +322,36 @@ class RunStore(Repository):
                         created_at=now,
                     )
                 )
-            elif step == AGGREGATE_STEP:
-                assert isinstance(output, Decision)
-                await session.execute(
-                    update(Run)
-                    .where(Run.id == run_id)
-                    .values(
-                        decision=output.model_dump(mode="json"),
-                        decision_label=output.decision,
-                        overall_weighted_confidence=output.overall_weighted_confidence,
-                    )
-                    .execution_options(synchronize_session=False)
-                )
+                return
+            # The proposal and the decision are written on the run itself: the run's own
+            # fenced UPDATE comes first, so its row is locked once, exclusively.
+            if step == EXPAND_STEP:
+                result: dict[str, Any] = {"proposal": output.model_dump(mode="json")}
+            else:
+                assert step == AGGREGATE_STEP and isinstance(output, Decision)
+                result = {
+                    "decision": output.model_dump(mode="json"),
+                    "decision_label": output.decision,
+                    "overall_weighted_confidence": output.overall_weighted_confidence,
+                }
+            await _write(session, _run_update(run_id, owner).values(**result), run_id, owner)
+            await session.execute(_step_update(run_id, None, step, usage).values(**done))
 
     async def complete(self, run_id: str, owner: str) -> None:
         """Mark the run completed and drop the lease (its decision is already stored)."""
         async with self._transaction() as session:
-            await _fence(session, run_id, owner)
-            await session.execute(
-                update(Run)
-                .where(Run.id == run_id)
-                .values(
+            await _write(
+                session,
+                _run_update(run_id, owner).values(
                     status=RunStatus.COMPLETED,
                     completed_at=db_time(),
+                    updated_at=db_time(),
                     error_message=None,
                     lease_owner=None,
                     lease_expires_at=None,
-                )
-                .execution_options(synchronize_session=False)
+                ),
+                run_id,
+                owner,
             )
 
     async def fail(self, run_id: str, owner: str, error: str) -> bool:
@@ -465,30 +466,49 @@ def _add_run(
     return run
 
 
-async def _fence(session: AsyncSession, run_id: str, owner: str) -> None:
-    """Touch the run (its last progress) only if `owner` still holds its lease; otherwise raise
-    `LeaseLost`."""
-    result = await session.execute(
+def _lease_held(run_id: str, owner: str) -> Any:
+    """SQL condition: `owner` still holds the run's lease. Its FOR SHARE row lock makes a
+    takeover wait until the fenced write commits, while the writes of one delivery (five
+    reviews at once) do not wait on each other."""
+    return exists(
+        select(Run.id)
+        .where(Run.id == run_id, Run.lease_owner == owner, Run.status == RunStatus.RUNNING)
+        .with_for_update(read=True)
+    )
+
+
+def _run_update(run_id: str, owner: str) -> Any:
+    """An UPDATE of the run that applies only while `owner` holds its lease."""
+    return (
         update(Run)
         .where(Run.id == run_id, Run.lease_owner == owner, Run.status == RunStatus.RUNNING)
-        .values(updated_at=db_time())
         .execution_options(synchronize_session=False)
     )
-    if _rowcount(result) != 1:
-        raise LeaseLost(f"run {run_id} is no longer leased by {owner}")
 
 
-def _step_update(run_id: str, step: str, usage: TokenUsage) -> Any:
-    return (
-        update(StepProgress)
-        .where(StepProgress.run_id == run_id, StepProgress.step_name == step)
-        .values(
-            input_tokens=StepProgress.input_tokens + usage.input_tokens,
-            output_tokens=StepProgress.output_tokens + usage.output_tokens,
-            total_tokens=StepProgress.total_tokens + usage.total_tokens,
-        )
-        .execution_options(synchronize_session=False)
+def _step_update(run_id: str, owner: str | None, step: str, usage: TokenUsage) -> Any:
+    """An UPDATE of one step adding `usage`; fenced by the lease unless `owner` is None (the
+    caller already fenced the run in this transaction)."""
+    statement = update(StepProgress).where(
+        StepProgress.run_id == run_id, StepProgress.step_name == step
     )
+    if owner is not None:
+        statement = statement.where(_lease_held(run_id, owner))
+    return statement.values(
+        input_tokens=StepProgress.input_tokens + usage.input_tokens,
+        output_tokens=StepProgress.output_tokens + usage.output_tokens,
+        total_tokens=StepProgress.total_tokens + usage.total_tokens,
+    ).execution_options(synchronize_session=False)
+
+
+async def _write(session: AsyncSession, statement: Any, run_id: str, owner: str) -> None:
+    """Execute a fenced one-row write; `LeaseLost` when the lease is no longer `owner`'s."""
+    if _rowcount(await session.execute(statement)) != 1:
+        raise _lease_lost(run_id, owner)
+
+
+def _lease_lost(run_id: str, owner: str) -> LeaseLost:
+    return LeaseLost(f"run {run_id} is no longer leased by {owner}")
 
 
 def _rowcount(result: Any) -> int:
