@@ -12,7 +12,6 @@ from typing import Any
 
 import openai
 from loguru import logger
-# The SDK's own schema builder (what `text_format=` calls), so the schema stays the SDK's.
 from openai.lib._parsing._responses import type_to_text_format_param
 from openai.types.responses import ResponseFormatTextConfigParam
 from pydantic import BaseModel, ValidationError
@@ -50,7 +49,8 @@ _misconfigured_log = LogThrottle(MISCONFIGURED_LOG_INTERVAL_SECONDS)
 
 @functools.cache
 def _text_format(output_type: type[BaseModel]) -> ResponseFormatTextConfigParam:
-    """The structured-output format of `output_type`, built once per type."""
+    """The structured-output format of `output_type`, built once per type by the SDK's own
+    builder (what `text_format=` calls), so the schema sent stays exactly the SDK's."""
     return type_to_text_format_param(output_type)
 
 
