@@ -33,6 +33,15 @@ class ExecutionLimits:
     job_timeout_seconds: float
     max_concurrent_runs: int
 
+    @property
+    def slot_wait_seconds(self) -> float:
+        """How long a delivery may wait for a run slot: runs are I/O-bound and finish in
+        seconds, so a short queue beats a redelivery; a quarter of the push deadline at most,
+        and the wait is taken from the delivery's budget."""
+        return min(SLOT_WAIT_SECONDS, self.push_deadline_seconds / 4)
+
+
+SLOT_WAIT_SECONDS = 30.0
 
 # Finished runs remembered per instance, so a redelivery storm of finished work is answered
 # without the database; bounded, oldest out first.
@@ -95,7 +104,9 @@ class Runner:
         self._config = config
         self._limits = limits
         self._instance_id = instance_id
-        self._running: set[asyncio.Task[object]] = set()
+        self._slots = asyncio.Semaphore(limits.max_concurrent_runs)
+        # Deliveries waiting for a slot or running: shutdown cancels them all.
+        self._deliveries: set[asyncio.Task[object]] = set()
         self._draining = False
         self._finished: dict[str, str] = {}
 
@@ -104,8 +115,8 @@ class Runner:
         if self._draining:
             return
         self._draining = True
-        logger.warning("shutting down: releasing {} run(s) in flight", len(self._running))
-        for task in self._running:
+        logger.warning("shutting down: releasing {} delivery(ies) in flight", len(self._deliveries))
+        for task in self._deliveries:
             task.cancel()
 
     async def execute(self, run_id: str, delivery_attempt: int | None) -> Outcome | None:
@@ -128,17 +139,14 @@ class Runner:
                 lifecycle_event="idempotent_skip",
             )
             return Outcome.ALREADY_DONE
-        if len(self._running) >= self._limits.max_concurrent_runs:
-            logger.warning("at WORKER_MAX_CONCURRENCY; asking Pub/Sub to redeliver", run_id=run_id)
-            return Outcome.OVERLOADED
         task = asyncio.current_task()
         assert task is not None
         owner = f"{self._instance_id}/{uuid.uuid4().hex[:12]}"
-        self._running.add(task)
+        self._deliveries.add(task)
         try:
             with logger.contextualize(run_id=run_id):
                 try:
-                    return await self._execute(run_id, owner, delivery_attempt)
+                    return await self._execute_in_slot(run_id, owner, delivery_attempt)
                 except asyncio.CancelledError:
                     if not self._draining:
                         raise
@@ -148,10 +156,27 @@ class Runner:
                     logger.warning("released run on shutdown", lifecycle_event="job_released")
                     return Outcome.SHUTTING_DOWN
         finally:
-            self._running.discard(task)
+            self._deliveries.discard(task)
+
+    async def _execute_in_slot(
+        self, run_id: str, owner: str, delivery_attempt: int | None
+    ) -> Outcome | None:
+        """Wait (bounded) for one of `WORKER_MAX_CONCURRENCY` slots, then execute."""
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        try:
+            async with asyncio.timeout(self._limits.slot_wait_seconds):
+                await self._slots.acquire()
+        except TimeoutError:
+            logger.warning("no run slot free (WORKER_MAX_CONCURRENCY); asking for redelivery")
+            return Outcome.OVERLOADED
+        try:
+            return await self._execute(run_id, owner, delivery_attempt, loop.time() - arrived)
+        finally:
+            self._slots.release()
 
     async def _execute(
-        self, run_id: str, owner: str, delivery_attempt: int | None
+        self, run_id: str, owner: str, delivery_attempt: int | None, waited: float
     ) -> Outcome | None:
         claim = await self._store.claim(run_id, owner, self._limits.lease_seconds, delivery_attempt)
         if claim.outcome is ClaimOutcome.NOT_FOUND:
@@ -173,8 +198,9 @@ class Runner:
         job_timeout = f"job timeout of {self._limits.job_timeout_seconds:g}s exceeded"
         if remaining <= 0:
             return await self._fail(run_id, owner, job_timeout)
-        budget = min(self._limits.push_deadline_seconds, remaining)
-        job_timeout_binds = remaining <= self._limits.push_deadline_seconds
+        deadline = self._limits.push_deadline_seconds - waited
+        budget = min(deadline, remaining)
+        job_timeout_binds = remaining <= deadline
         logger.info(
             "job started",
             lifecycle_event="job_started",

@@ -286,18 +286,37 @@ async def test_database_going_away_answers_503_and_recovers(
         await proxy.stop()
 
 
-async def test_overloaded_instance_asks_for_redelivery(
+async def test_a_full_instance_queues_deliveries_for_a_run_slot(
     make_settings: Callable[..., Settings], llm: FakeOpenAI
 ) -> None:
-    llm.step_delay["expand"] = 1.0
+    llm.step_delay["expand"] = 0.3
     async with running_app(make_settings(worker_max_concurrency=1)) as (app, client):
+        run_ids = [await new_run(app) for _ in range(3)]
+        responses = await asyncio.gather(*(push(client, {"run_id": r}) for r in run_ids))
+        assert [r.status_code for r in responses] == [204, 204, 204]
+    assert len(llm.calls()) == 18
+
+
+async def test_a_full_instance_asks_for_redelivery_after_a_bounded_wait(
+    make_settings: Callable[..., Settings], llm: FakeOpenAI
+) -> None:
+    # One run slot; the wait for it is a quarter of the 2 s push deadline.
+    llm.step_delay["expand"] = 1.5
+    settings = make_settings(worker_max_concurrency=1, push_deadline_seconds=2.0)
+    async with running_app(settings) as (app, client):
         first, second = await new_run(app), await new_run(app)
         slow = asyncio.create_task(push(client, {"run_id": first}))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
         response = await push(client, {"run_id": second})
         assert response.status_code == 503
         assert response.json()["code"] == "overloaded"
+        assert time.monotonic() - started < 1.5
         assert (await slow).status_code == 204
+        # A duplicate of a finished run takes no slot, so it never waits for one.
+        assert (await push(client, {"run_id": first})).status_code == 204
+        run = await run_json(client, second)
+        assert run["delivery_count"] == 0  # refused before any claim: nothing counted
 
 
 async def test_unknown_message_id_is_stable_across_runs(app_client: AppClient) -> None:

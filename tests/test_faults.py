@@ -91,17 +91,29 @@ class PubSubLike:
         return [status for answers in self.answers.values() for status in answers]
 
 
-async def assert_executed_once(store: RunStore, llm: FakeOpenAI, run_ids: list[str]) -> None:
-    """Every run completed, holds no lease, and each LLM call is a recorded step attempt."""
+async def assert_executed_once(
+    store: RunStore, llm: FakeOpenAI, run_ids: list[str], exact: bool = True
+) -> None:
+    """Every run completed and holds no lease; no LLM call was made twice or unrecorded.
+
+    Each call carries `<run_id>/<step>/<attempt>`, recorded before it is sent. `exact`: every
+    recorded attempt was sent; without it, a delivery deadline may have cut an attempt between
+    its record and its request, so a step may have more attempts than calls, never fewer.
+    """
     for run_id in run_ids:
         run = await store.get_run(run_id)
         assert run is not None
         assert run.status == "completed", (run.status, run.error_message)
         assert run.lease_owner is None
-        attempts = sum(s.attempts for s in run.steps if s.step_name != AGGREGATE_STEP)
         calls = [c for c in llm.calls() if c.client_request_id.startswith(f"{run_id}/")]
-        assert len(calls) == attempts, (run_id, len(calls), attempts)
         assert len({c.client_request_id for c in calls}) == len(calls)
+        for step in run.steps:
+            if step.step_name == AGGREGATE_STEP:
+                continue
+            sent = sum(1 for c in calls if c.step == step.step_name)
+            assert 1 <= sent <= step.attempts, (run_id, step.step_name, sent, step.attempts)
+            if exact:
+                assert sent == step.attempts, (run_id, step.step_name, sent, step.attempts)
 
 
 # --- the database hangs ------------------------------------------------------------------
@@ -146,7 +158,7 @@ async def test_silent_database_outage_mid_run_loses_nothing(
     assert answered_after < 8.0
     assert 500 not in pubsub.all_answers()
     assert 503 in pubsub.all_answers()
-    await assert_executed_once(store, llm, run_ids)
+    await assert_executed_once(store, llm, run_ids, exact=False)
     print(
         f"\nin-flight deliveries all answered {answered_after:.1f}s into the outage; "
         f"all runs completed {completed_after:.1f}s after the database returned"
@@ -311,7 +323,7 @@ async def test_too_many_connections_answers_503_and_keeps_no_lease(
         await pubsub.deliver_all(run_ids, 90)
     assert 503 in pubsub.all_answers()
     assert set(pubsub.all_answers()) <= {204, 409, 503}
-    await assert_executed_once(store, llm, run_ids)
+    await assert_executed_once(store, llm, run_ids, exact=False)
 
 
 @pytest.mark.parametrize(
@@ -353,14 +365,18 @@ async def test_a_crowded_instance_never_fails_a_healthy_run(
     llm.step_delay["expand"] = 0.2
     llm.queue("review_critic", *[Reply(500)] * 6)
     run_ids = [(await store.create_run(f"Idea number {i}.", None)).id for i in range(24)]
-    settings = make_settings(worker_max_concurrency=3, max_retries_per_persona=1)
+    # A short push deadline keeps the wait for a run slot short (a quarter of it), so most
+    # deliveries are refused before any claim, as on an instance with no room to queue.
+    settings = make_settings(
+        worker_max_concurrency=3, max_retries_per_persona=1, push_deadline_seconds=1.0
+    )
     async with running_app(settings, clean=False) as (_, client):
         pubsub = PubSubLike(client, delay=0.1)
         await pubsub.deliver_all(run_ids, 120)
     attempts_needed = [len(answers) for answers in pubsub.answers.values()]
     assert max(attempts_needed) > 5  # Pub/Sub's counter went past MAX_DELIVERY_ATTEMPTS
     assert set(pubsub.all_answers()) <= {204, 409, 503}
-    await assert_executed_once(store, llm, run_ids)
+    await assert_executed_once(store, llm, run_ids, exact=False)
 
 
 async def test_a_run_whose_last_delivery_was_refused_is_re_enqueued_by_the_sweep(
