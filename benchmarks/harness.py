@@ -118,6 +118,16 @@ async def run_statuses(database: Database, source_prefix: str) -> dict[str, int]
         await connection.close()
 
 
+async def empty_runs(database: Database) -> None:
+    """Remove every run, so a new app process does not pick up work an earlier phase left
+    unfinished (its start-up relay would deliver it in-process and skew the next figure)."""
+    connection = await asyncpg.connect(database.dsn, timeout=10)
+    try:
+        await connection.execute("TRUNCATE runs CASCADE")
+    finally:
+        await connection.close()
+
+
 @dataclass
 class ConnectionSample:
     max_open: int = 0
@@ -330,16 +340,6 @@ class AppProcess:
             self._process.wait(timeout=10)
 
 
-@contextmanager
-def running_app(env: Mapping[str, str], logs: Path, label: str) -> Iterator[AppProcess]:
-    app = AppProcess(env, logs / f"app-{label}.log")
-    try:
-        app.start()
-        yield app
-    finally:
-        app.stop()
-
-
 # --- wrk ---------------------------------------------------------------------------------------
 
 
@@ -453,6 +453,7 @@ async def run_wrk(
 class Profile:
     samples: int
     top: list[tuple[str, int]]  # (function (file), own samples), most first
+    top_app: list[tuple[str, int]] = field(default_factory=list)  # app/ functions, total samples
     error: str | None = None
 
 
@@ -473,7 +474,7 @@ async def profile_during(pid: int, seconds: float, output: Path) -> Profile:
     """`py-spy record` on `pid` for `seconds`; the top five functions by own (leaf) samples."""
     args = py_spy_command(pid, seconds, output)
     if args is None:
-        return Profile(0, [], "py-spy is not installed (pip install -e '.[dev]')")
+        return Profile(0, [], error="py-spy is not installed (pip install -e '.[dev]')")
     process = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -489,27 +490,37 @@ async def profile_during(pid: int, seconds: float, output: Path) -> Profile:
         collapsed = None
     if process.returncode != 0 or collapsed is None:
         reason = stderr.decode(errors="replace").strip().splitlines()
-        return Profile(0, [], f"py-spy could not attach: {reason[-1] if reason else '?'}")
+        return Profile(0, [], error=f"py-spy could not attach: {reason[-1] if reason else '?'}")
     return parse_collapsed(collapsed)
 
 
 def parse_collapsed(text: str) -> Profile:
-    """Own samples per function from collapsed stacks (`frame;frame;leaf count` lines)."""
+    """From collapsed stacks (`frame;frame;leaf count` lines): own samples per function, and
+    total samples (own and callees') of the app's own functions, which say where to look."""
     own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
     total = 0
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        leaf = stack.rsplit(";", 1)[-1]
-        # "name (path/file.py:123)" -> "name (file.py)": own time per function, any line.
-        match = re.fullmatch(r"(.*) \((.*?):\d+\)", leaf)
-        if match is not None:
-            leaf = f"{match.group(1)} ({shorten(match.group(2))})"
-        own[leaf] = own.get(leaf, 0) + int(count)
+        frames = [function_name(frame) for frame in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        for frame in set(frames):
+            if frame.endswith(".py)") and "(app/" in frame:
+                inclusive[frame] = inclusive.get(frame, 0) + int(count)
         total += int(count)
-    top = sorted(own.items(), key=lambda item: item[1], reverse=True)[:5]
-    return Profile(total, top)
+    return Profile(total, _top(own), _top(inclusive))
+
+
+def _top(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda item: item[1], reverse=True)[:5]
+
+
+def function_name(frame: str) -> str:
+    """py-spy's "name (path/file.py:123)" as "name (file.py)": one entry per function."""
+    match = re.fullmatch(r"(.*) \((.*?):\d+\)", frame)
+    return f"{match.group(1)} ({shorten(match.group(2))})" if match else frame
 
 
 def shorten(path: str) -> str:
