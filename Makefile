@@ -28,7 +28,7 @@ test: lint
 # Performance table (docs/PERFORMANCE.md): PostgreSQL on 127.0.0.1:5432 and wrk (installed
 # through apt when missing and root). BENCH_ARGS="--markdown", BENCH_APP_ENV="NAME=VALUE ...".
 bench: $(BIN)/.installed
-	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
+	@$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .

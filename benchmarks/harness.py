@@ -556,5 +556,16 @@ def machine_description() -> list[tuple[str, str]]:
     ]
 
 
+def listen_overflows() -> int:
+    """The kernel's count of TCP listen-queue overflows (`TcpExt: ListenOverflows`), all sockets."""
+    with suppress(OSError, ValueError):
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+        for names, values in zip(lines[::2], lines[1::2], strict=False):
+            if names.startswith("TcpExt:"):
+                table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+                return int(table.get("ListenOverflows", "0"))
+    return 0
+
+
 def scratch_directory() -> Path:
     return Path(tempfile.mkdtemp(prefix="ce-bench-"))
