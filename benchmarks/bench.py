@@ -618,7 +618,8 @@ def render_text(header: list[tuple[str, str]], report: Report) -> str:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
-    lines += profile_lines(report.profile, markdown=False) + report.notes
+    lines += profile_lines(report.profile, markdown=False)
+    lines += ["", *report.notes] if report.notes else []
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -629,7 +630,7 @@ def render_markdown(header: list[tuple[str, str]], report: Report) -> str:
         cells = (row.measure, row.figure, row.floor, row.ratio, row.target)
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += profile_lines(report.profile, markdown=True)
-    lines += [f"- {note}" for note in report.notes]
+    lines += ["", *(f"- {note}" for note in report.notes)] if report.notes else []
     return "\n".join(lines)
 
 
