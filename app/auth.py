@@ -30,6 +30,7 @@ from google.auth import exceptions as google_exceptions
 from google.auth.transport.requests import Request
 from loguru import logger
 
+from app.bounded import BoundedDict
 from app.settings import Settings
 
 GOOGLE_ISSUERS = frozenset({"accounts.google.com", "https://accounts.google.com"})
@@ -196,7 +197,7 @@ class OidcAuthenticator:
         self._last_fetch_started: float | None = None
         self._last_fetch_failed = False
         self._inflight: asyncio.Task[_CertCache] | None = None
-        self._verified: dict[str, _Verified] = {}
+        self._verified: BoundedDict[str, _Verified] = BoundedDict(VERIFIED_TOKENS_MAX)
 
     async def verify(self, authorization: str | None) -> str | None:
         """Return the verified caller's email or raise AuthError."""
@@ -227,8 +228,6 @@ class OidcAuthenticator:
         email = _pin_email(claims, self._allowed)
         expires_at = claims.get("exp")
         if isinstance(expires_at, int | float):
-            if len(self._verified) >= VERIFIED_TOKENS_MAX:
-                del self._verified[next(iter(self._verified))]
             lifetime = expires_at + CLOCK_SKEW_SECONDS - time.time()
             self._verified[token] = _Verified(email, self._clock() + lifetime)
         return email

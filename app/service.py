@@ -15,6 +15,7 @@ from typing import TypeVar
 from loguru import logger
 from pydantic import BaseModel
 
+from app.bounded import BoundedDict
 from app.domain.llm import LLM
 from app.domain.models import TokenUsage
 from app.domain.pipeline import PipelineConfig, run_pipeline
@@ -43,9 +44,10 @@ class ExecutionLimits:
 
 SLOT_WAIT_SECONDS = 30.0
 
-# Finished runs remembered per instance, so a redelivery storm of finished work is answered
-# without the database; bounded, oldest out first.
+# Finished runs, and the runs of pushed messages, remembered per instance, so a redelivery
+# storm of finished work is answered without the database.
 FINISHED_RUNS_REMEMBERED = 10_000
+MESSAGE_RUNS_REMEMBERED = 10_000
 _FINISHED = frozenset({RunStatus.COMPLETED, RunStatus.FAILED})
 
 # Bounds the store calls made after the work is over (release, fail) so that a database that
@@ -108,7 +110,7 @@ class Runner:
         # Deliveries waiting for a slot or running: shutdown cancels them all.
         self._deliveries: set[asyncio.Task[object]] = set()
         self._draining = False
-        self._finished: dict[str, str] = {}
+        self._finished: BoundedDict[str, str] = BoundedDict(FINISHED_RUNS_REMEMBERED)
 
     def begin_shutdown(self) -> None:
         """Stop claiming; cancel in-flight pipelines, which keep checkpoints and release leases."""
@@ -328,8 +330,6 @@ class Runner:
 
     def _remember_finished(self, run_id: str, status: str) -> None:
         """Finished is final: a completed or failed run never runs again."""
-        if len(self._finished) >= FINISHED_RUNS_REMEMBERED:
-            del self._finished[next(iter(self._finished))]
         self._finished[run_id] = status
 
 
@@ -353,6 +353,8 @@ class PushReceiver:
     def __init__(self, store: RunStore, runner: Runner) -> None:
         self._store = store
         self._runner = runner
+        # subscription/messageId -> run id: fixed once made, so safe to remember.
+        self._message_runs: BoundedDict[str, str] = BoundedDict(MESSAGE_RUNS_REMEMBERED)
 
     async def handle(self, body: bytes, headers: Mapping[str, str]) -> Outcome:
         try:
@@ -381,10 +383,13 @@ class PushReceiver:
         run_id = job.run_id
         if run_id is None:
             assert job.idea is not None and message.source_key is not None
+            run_id = self._message_runs.get(message.source_key)
+        if run_id is None:
+            assert job.idea is not None and message.source_key is not None
             run, created = await self._store.run_for_message(
                 message.source_key, job.idea, job.extra_context
             )
-            run_id = run.id
+            run_id = self._message_runs[message.source_key] = run.id
             if created:
                 logger.info(
                     "run created from a self-contained job",

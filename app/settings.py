@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     expand_temperature: float = Field(0.7, ge=0.0, le=2.0)
     review_model: str | None = None
     review_temperature: float = Field(0.2, ge=0.0, le=2.0)
-    llm_max_concurrency: int = Field(16, ge=1, le=1000)
+    llm_max_concurrency: int = Field(500, ge=1, le=5000)
     max_retries_per_persona: int = Field(3, ge=0, le=20)
     retry_initial_backoff_seconds: float = Field(1.0, ge=0.0, le=600.0)
     retry_backoff_multiplier: float = Field(2.0, ge=1.0, le=10.0)
@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     db_instance_connection_name: str | None = None
     db_iam_auth: bool = False
     use_cloud_sql_connector: bool = False
-    db_pool_size: int = Field(5, ge=1, le=100)
-    db_max_overflow: int = Field(10, ge=0, le=100)
+    db_pool_size: int = Field(10, ge=1, le=100)
+    db_max_overflow: int = Field(0, ge=0, le=100)
     db_pool_timeout_seconds: float = Field(10.0, gt=0.0, le=300.0)
     db_auto_migrate: bool | None = None
     db_connect_timeout_seconds: float = Field(5.0, gt=0.0, le=120.0)
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     run_stale_seconds: float = Field(120.0, ge=1.0, le=86400.0)
 
     # Execution
-    worker_max_concurrency: int = Field(10, ge=1, le=1000)
+    worker_max_concurrency: int = Field(100, ge=1, le=1000)
     worker_ack_deadline_seconds: int = Field(600, ge=10, le=600)
     worker_step_timeout_seconds: float = Field(300.0, gt=0.0, le=3600.0)
     worker_job_timeout_seconds: float = Field(1800.0, gt=0.0, le=86400.0)
