@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from app.bounded import BoundedDict
 from app.domain.llm import LLM
 from app.domain.models import TokenUsage
+from app.domain.personas import AGGREGATE_STEP
 from app.domain.pipeline import PipelineConfig, run_pipeline
 from app.errors import LeaseLost, PermanentError, StoreUnavailable, TransientError
 from app.push.envelope import MalformedPush, decode_push, parse_job, quarantine_headers
@@ -66,6 +67,8 @@ class _StoreProgress:
         self._store = store
         self._run_id = run_id
         self._owner = owner
+        # Storing the decision completes the run and drops its lease.
+        self.run_completed = False
 
     async def step_started(self, step: str) -> int:
         attempt = await self._store.step_started(self._run_id, self._owner, step)
@@ -82,6 +85,7 @@ class _StoreProgress:
 
     async def step_completed(self, step: str, output: BaseModel, usage: TokenUsage) -> None:
         await self._store.step_completed(self._run_id, self._owner, step, output, usage)
+        self.run_completed = step == AGGREGATE_STEP
         logger.info(
             "step completed",
             lifecycle_event="step_completed",
@@ -125,9 +129,10 @@ class Runner:
         """One delivery of `run_id`; None when no such run exists."""
         if self._draining:
             return Outcome.SHUTTING_DOWN
-        # A duplicate of finished work takes no run slot and, once seen, no database call.
+        # A duplicate of finished work never waits for a run slot and, once seen, costs no
+        # database call. With a slot free, the claim itself tells a finished run apart.
         status = self._finished.get(run_id)
-        if status is None:
+        if status is None and self._slots.locked():
             status = await self._store.status(run_id)
             if status is None:
                 return None
@@ -218,8 +223,8 @@ class Runner:
                     run_id,
                     owner,
                     run_pipeline(run, checkpoint, self._llm, progress, self._config),
+                    lambda: progress.run_completed,
                 )
-                await self._store.complete(run_id, owner)
             self._remember_finished(run_id, RunStatus.COMPLETED)
         except TimeoutError:
             if job_timeout_binds:
@@ -247,12 +252,16 @@ class Runner:
         )
         return Outcome.COMPLETED
 
-    async def _with_lease(self, run_id: str, owner: str, work: Awaitable[R]) -> R:
+    async def _with_lease(
+        self, run_id: str, owner: str, work: Awaitable[R], completed: Callable[[], bool]
+    ) -> R:
         """Await `work` while renewing the lease every third of its length.
 
         Each renewal must land before the lease it extends expires; when the database does not
         answer in time, `work` is cancelled (`LeaseExpired`) rather than going on unfenced.
-        Renewals stop with the work: a delivery that no longer runs never keeps its lease.
+        Renewals stop with the work: a delivery that no longer runs never keeps its lease; and
+        once `completed()` (the run is stored as completed, its lease dropped), the lease is
+        gone by design, not lost.
         """
         loop = asyncio.get_running_loop()
         lease = self._limits.lease_seconds
@@ -284,6 +293,8 @@ class Runner:
                     task.cancel()
                     return
                 if not renewed:
+                    if completed():
+                        return
                     stopped_by = LeaseLost(f"run {run_id}: lease taken over while working")
                     task.cancel()
                     return

@@ -175,16 +175,17 @@ class RunStore(Repository):
 
     async def status(self, run_id: str) -> str | None:
         """The run's status (one primary-key read), or None when there is no such run."""
-        async with self._transaction() as session:
-            status = await session.scalar(select(Run.status).where(Run.id == run_id))
-            return None if status is None else str(status)
+        result = await self._statement(select(Run.status).where(Run.id == run_id))
+        status = result.scalar_one_or_none()
+        return None if status is None else str(status)
 
     async def claim(
         self, run_id: str, owner: str, lease_seconds: float, delivery_attempt: int | None
     ) -> Claim:
         """Take the run's lease with one conditional UPDATE; explain why when it cannot."""
-        async with self._transaction() as session:
-            result = await session.execute(
+        state = (Run.status, Run.started_at, Run.delivery_count, db_time())
+        claimed = (
+            await self._statement(
                 update(Run)
                 .where(Run.id == run_id, Run.status.in_(UNFINISHED), no_live_lease())
                 .values(
@@ -198,35 +199,33 @@ class RunStore(Repository):
                     ),
                     updated_at=db_time(),
                 )
-                .execution_options(synchronize_session=False)
+                .returning(*state)
             )
-            row = (
-                await session.execute(
-                    select(Run.status, Run.started_at, Run.delivery_count, db_time()).where(
-                        Run.id == run_id
-                    )
-                )
-            ).one_or_none()
+        ).one_or_none()
+        # Not claimed: a second look says why (a later change of state only sharpens it).
+        row = (
+            claimed or (await self._statement(select(*state).where(Run.id == run_id))).one_or_none()
+        )
         if row is None:
             return Claim(ClaimOutcome.NOT_FOUND)
-        status, started_at, delivery_count, now = row
+        status, started_at, delivery_count, now = tuple(row)
         elapsed = (now - started_at).total_seconds() if started_at is not None else 0.0
-        if _rowcount(result) == 1:
-            return Claim(ClaimOutcome.CLAIMED, status, elapsed, delivery_count)
-        if status in (RunStatus.COMPLETED, RunStatus.FAILED):
-            return Claim(ClaimOutcome.FINISHED, status, elapsed, delivery_count)
-        return Claim(ClaimOutcome.BUSY, status, elapsed, delivery_count)
+        if claimed is not None:
+            outcome = ClaimOutcome.CLAIMED
+        elif status in (RunStatus.COMPLETED, RunStatus.FAILED):
+            outcome = ClaimOutcome.FINISHED
+        else:
+            outcome = ClaimOutcome.BUSY
+        return Claim(outcome, status, elapsed, delivery_count)
 
     async def heartbeat(self, run_id: str, owner: str, lease_seconds: float) -> bool:
         """Extend the lease; False when it is no longer ours."""
-        async with self._transaction() as session:
-            result = await session.execute(
-                update(Run)
-                .where(Run.id == run_id, Run.lease_owner == owner)
-                .values(lease_expires_at=db_time(lease_seconds))
-                .execution_options(synchronize_session=False)
-            )
-            return _rowcount(result) == 1
+        result = await self._statement(
+            update(Run)
+            .where(Run.id == run_id, Run.lease_owner == owner)
+            .values(lease_expires_at=db_time(lease_seconds))
+        )
+        return _rowcount(result) == 1
 
     async def release(self, run_id: str, owner: str, error: str | None) -> None:
         """Give the lease back, keeping every checkpoint; the run stays resumable."""
@@ -261,19 +260,19 @@ class RunStore(Repository):
 
     async def step_started(self, run_id: str, owner: str, step: str) -> int:
         """Count a new attempt of `step`; its number across all deliveries."""
-        async with self._transaction() as session:
-            attempts = await session.scalar(
-                _step_update(run_id, owner, step, TokenUsage())
-                .values(
-                    status=StepStatus.RUNNING,
-                    attempts=StepProgress.attempts + 1,
-                    started_at=func.coalesce(StepProgress.started_at, utcnow()),
-                )
-                .returning(StepProgress.attempts)
+        result = await self._statement(
+            _step_update(run_id, owner, step, TokenUsage())
+            .values(
+                status=StepStatus.RUNNING,
+                attempts=StepProgress.attempts + 1,
+                started_at=func.coalesce(StepProgress.started_at, utcnow()),
             )
-            if attempts is None:
-                raise _lease_lost(run_id, owner)
-            return int(attempts)
+            .returning(StepProgress.attempts)
+        )
+        attempts = result.scalar_one_or_none()
+        if attempts is None:
+            raise _lease_lost(run_id, owner)
+        return int(attempts)
 
     async def attempt_failed(
         self, run_id: str, owner: str, step: str, error: str, usage: TokenUsage
@@ -324,7 +323,8 @@ class RunStore(Repository):
                 )
                 return
             # The proposal and the decision are written on the run itself: the run's own
-            # fenced UPDATE comes first, so its row is locked once, exclusively.
+            # fenced UPDATE comes first, so its row is locked once, exclusively. The decision is
+            # the last checkpoint: storing it completes the run and drops the lease.
             if step == EXPAND_STEP:
                 result: dict[str, Any] = {"proposal": output.model_dump(mode="json")}
             else:
@@ -333,26 +333,15 @@ class RunStore(Repository):
                     "decision": output.model_dump(mode="json"),
                     "decision_label": output.decision,
                     "overall_weighted_confidence": output.overall_weighted_confidence,
+                    "status": RunStatus.COMPLETED,
+                    "completed_at": db_time(),
+                    "updated_at": db_time(),
+                    "error_message": None,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
                 }
             await _write(session, _run_update(run_id, owner).values(**result), run_id, owner)
             await session.execute(_step_update(run_id, None, step, usage).values(**done))
-
-    async def complete(self, run_id: str, owner: str) -> None:
-        """Mark the run completed and drop the lease (its decision is already stored)."""
-        async with self._transaction() as session:
-            await _write(
-                session,
-                _run_update(run_id, owner).values(
-                    status=RunStatus.COMPLETED,
-                    completed_at=db_time(),
-                    updated_at=db_time(),
-                    error_message=None,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                ),
-                run_id,
-                owner,
-            )
 
     async def fail(self, run_id: str, owner: str, error: str) -> bool:
         """Mark the run failed for good; False if the lease was no longer ours."""
