@@ -199,9 +199,7 @@ async def test_sigterm_exits_in_time_with_the_database_hanging(
     for persona in ("optimist", "security_guardian", "user_advocate"):
         llm.step_delay[f"review_{persona}"] = 30.0
     async with proxied_database(pg_url) as (proxy, proxied):
-        app = await asyncio.to_thread(
-            start_app, DATABASE_URL=proxied, RUN_LEASE_SECONDS="60"
-        )
+        app = await asyncio.to_thread(start_app, DATABASE_URL=proxied, RUN_LEASE_SECONDS="60")
         run = await store.create_run("A community tool library.", None)
         body = encode_wrapped({"run_id": run.id}, "m-sigterm", SUBSCRIPTION)
         async with httpx2.AsyncClient(base_url=app.url, timeout=60) as client:

@@ -8,7 +8,7 @@ serialization failure or deadlock) becomes `StoreUnavailable`; nothing above imp
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -93,14 +93,16 @@ class Repository:
                 raise _unavailable(exc) from exc
             raise
 
-    async def _statement(self, statement: Executable) -> Result[Any]:
+    async def _statement(
+        self, statement: Executable, params: Mapping[str, Any] | None = None
+    ) -> Result[Any]:
         """One statement on its own, in autocommit: a single statement is atomic by itself,
         and this saves the BEGIN and COMMIT round trips of a transaction (the hot path makes
         a dozen such writes per run). The result is buffered."""
         try:
             async with self._engine.connect() as connection:
                 autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-                return await autocommit.execute(statement)
+                return await autocommit.execute(statement, params)
         except Exception as exc:
             if is_transient(exc):
                 raise _unavailable(exc) from exc
