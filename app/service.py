@@ -21,7 +21,13 @@ from app.domain.models import TokenUsage
 from app.domain.personas import AGGREGATE_STEP
 from app.domain.pipeline import PipelineConfig, run_pipeline
 from app.errors import LeaseLost, PermanentError, StoreUnavailable, TransientError
-from app.push.envelope import MalformedPush, decode_push, parse_job, quarantine_headers
+from app.push.envelope import (
+    MalformedPush,
+    PushMessage,
+    decode_push,
+    parse_job,
+    quarantine_headers,
+)
 from app.push.policy import Outcome
 from app.store.runs import ClaimOutcome, RunStatus, RunStore
 
@@ -364,7 +370,8 @@ class PushReceiver:
     def __init__(self, store: RunStore, runner: Runner) -> None:
         self._store = store
         self._runner = runner
-        # subscription/messageId -> run id: fixed once made, so safe to remember.
+        # subscription/messageId -> run id: a message's data never changes between
+        # redeliveries, so once resolved the mapping is safe to remember.
         self._message_runs: BoundedDict[str, str] = BoundedDict(MESSAGE_RUNS_REMEMBERED)
 
     async def handle(self, body: bytes, headers: Mapping[str, str]) -> Outcome:
@@ -384,6 +391,11 @@ class PushReceiver:
             message = decode_push(body, headers)
         except MalformedPush as exc:
             return await self.reject(str(exc), body, headers, exc.message_id, exc.subscription)
+        # A redelivery carries the same data as the delivery that made the run: no need to
+        # parse and validate it again.
+        known = self._message_runs.get(message.source_key) if message.source_key else None
+        if known is not None:
+            return await self._execute(known, message, body, headers)
         try:
             job = parse_job(message)
         except MalformedPush as exc:
@@ -394,13 +406,10 @@ class PushReceiver:
         run_id = job.run_id
         if run_id is None:
             assert job.idea is not None and message.source_key is not None
-            run_id = self._message_runs.get(message.source_key)
-        if run_id is None:
-            assert job.idea is not None and message.source_key is not None
             run, created = await self._store.run_for_message(
                 message.source_key, job.idea, job.extra_context
             )
-            run_id = self._message_runs[message.source_key] = run.id
+            run_id = run.id
             if created:
                 logger.info(
                     "run created from a self-contained job",
@@ -408,6 +417,11 @@ class PushReceiver:
                     lifecycle_event="enqueued",
                     message_id=message.message_id,
                 )
+        return await self._execute(run_id, message, body, headers)
+
+    async def _execute(
+        self, run_id: str, message: PushMessage, body: bytes, headers: Mapping[str, str]
+    ) -> Outcome:
         outcome = await self._runner.execute(run_id, message.delivery_attempt)
         if outcome is None:
             return await self.reject(
@@ -417,6 +431,8 @@ class PushReceiver:
                 message.message_id,
                 message.subscription,
             )
+        if message.source_key:
+            self._message_runs[message.source_key] = run_id
         return outcome
 
     async def reject(
