@@ -7,6 +7,7 @@ push request into an `Outcome`, quarantining what cannot be a job.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -364,15 +365,20 @@ async def _wrap_up(call: Coroutine[object, object, R]) -> R:
     return task.result()
 
 
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
 class PushReceiver:
     """Turns one push request into an outcome: decode, quarantine or resolve the run, execute."""
 
     def __init__(self, store: RunStore, runner: Runner) -> None:
         self._store = store
         self._runner = runner
-        # subscription/messageId -> run id: a message's data never changes between
-        # redeliveries, so once resolved the mapping is safe to remember.
-        self._message_runs: BoundedDict[str, str] = BoundedDict(MESSAGE_RUNS_REMEMBERED)
+        # subscription/messageId -> (run id, digest of the data it was resolved from).
+        self._message_runs: BoundedDict[str, tuple[str, bytes]] = BoundedDict(
+            MESSAGE_RUNS_REMEMBERED
+        )
 
     async def handle(self, body: bytes, headers: Mapping[str, str]) -> Outcome:
         try:
@@ -391,11 +397,11 @@ class PushReceiver:
             message = decode_push(body, headers)
         except MalformedPush as exc:
             return await self.reject(str(exc), body, headers, exc.message_id, exc.subscription)
-        # A redelivery carries the same data as the delivery that made the run: no need to
-        # parse and validate it again.
+        # A redelivery carries the same data as the delivery that resolved its run: no need to
+        # parse and validate it again. (Other data under a known id is parsed as new.)
         known = self._message_runs.get(message.source_key) if message.source_key else None
-        if known is not None:
-            return await self._execute(known, message, body, headers)
+        if known is not None and known[1] == _digest(message.data):
+            return await self._execute(known[0], message, body, headers)
         try:
             job = parse_job(message)
         except MalformedPush as exc:
@@ -432,7 +438,7 @@ class PushReceiver:
                 message.subscription,
             )
         if message.source_key:
-            self._message_runs[message.source_key] = run_id
+            self._message_runs[message.source_key] = (run_id, _digest(message.data))
         return outcome
 
     async def reject(

@@ -431,3 +431,16 @@ async def test_aware_dates_in_range_still_filter(app_client: AppClient) -> None:
     ]:
         response = await client.get(f"/v1/runs?{query}")
         assert response.status_code == 200, (query, response.text)
+
+
+async def test_other_data_under_a_known_message_id_is_checked_as_new(
+    app_client: AppClient,
+) -> None:
+    """A resolved message is remembered with a digest of its data: a redelivery skips parsing,
+    other bytes under the same id (never from Pub/Sub) are decoded and judged afresh."""
+    app, client = app_client
+    valid = envelope(job("A tool library for neighbours."), "m-known", SUBSCRIPTION)
+    assert await assert_acknowledged(app, client, valid) == "run"
+    assert await assert_acknowledged(app, client, valid) == "run"
+    poisoned = envelope(job("A tool\u0000library."), "m-known", SUBSCRIPTION)
+    await assert_quarantined(app, client, poisoned)
