@@ -43,5 +43,9 @@ class LeaseLost(TransientError):
     """Another delivery took over the run's lease while this one was working."""
 
 
+class LeaseExpired(TransientError):
+    """The lease could not be renewed before it expired (the database stopped answering)."""
+
+
 class DeadlineReached(TransientError):
     """The delivery's own budget ran out; the checkpoint is kept for the next delivery."""

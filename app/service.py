@@ -21,7 +21,13 @@ from app.domain.llm import LLM
 from app.domain.models import TokenUsage
 from app.domain.personas import AGGREGATE_STEP
 from app.domain.pipeline import PipelineConfig, run_pipeline
-from app.errors import LeaseLost, PermanentError, StoreUnavailable, TransientError
+from app.errors import (
+    LeaseExpired,
+    LeaseLost,
+    PermanentError,
+    StoreUnavailable,
+    TransientError,
+)
 from app.push.envelope import (
     MalformedPush,
     PushMessage,
@@ -61,10 +67,6 @@ _FINISHED = frozenset({RunStatus.COMPLETED, RunStatus.FAILED})
 # Bounds the store calls made after the work is over (release, fail) so that a database that
 # hangs cannot hold a delivery, or the shutdown, past its deadline: the lease expires anyway.
 WRAP_UP_TIMEOUT_SECONDS = 2.0
-
-
-class LeaseExpired(TransientError):
-    """The lease could not be renewed before it expired (the database stopped answering)."""
 
 
 class _StoreProgress:
