@@ -1,7 +1,8 @@
-"""The run repository: the only module that opens transactions and commits.
+"""The run repository: runs, their steps, reviews and decisions, leases, quarantine.
 
-Every method is one short transaction. None is held across an LLM call. Writes made while a
-pipeline runs are fenced by the lease: they apply only while the caller still owns the run.
+Every method is one short transaction or one statement in autocommit (`app/store/base.py` owns
+both, and every commit); none is held across an LLM call. Writes made while a pipeline runs are
+fenced by the lease: they apply only while the caller still owns the run.
 """
 
 from __future__ import annotations
