@@ -15,6 +15,7 @@ from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from loguru import logger
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -157,6 +158,17 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(runs.router)
     app.include_router(tasks.router)
     app.add_middleware(RequestContextMiddleware)
+    if settings.cors_origins:
+        # Outermost, so preflights are answered before any route or guard, and every answer
+        # (errors included) carries the CORS headers a browser needs to read it.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID"],
+            max_age=600,
+        )
     return app
 
 

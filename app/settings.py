@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from functools import lru_cache
 from typing import Annotated, Literal
@@ -14,6 +15,8 @@ GOOGLE_V1_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 # The `aud` of `gcloud auth print-identity-token` for a user account (gcloud's OAuth client).
 GCLOUD_CLI_AUDIENCE = "32555940559.apps.googleusercontent.com"
 EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///./consensus_engine.db"
+# scheme://host[:port], what a browser sends as Origin.
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?")
 # Left between the push deadline and Pub/Sub's ack deadline so the 503 reaches Pub/Sub in time.
 PUSH_DEADLINE_MARGIN_SECONDS = 30.0
 
@@ -90,15 +93,29 @@ class Settings(BaseSettings):
         default_factory=lambda: [GCLOUD_CLI_AUDIENCE]
     )
     api_allowed_principals: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Browser origins allowed to call the API (e.g. the reference web app served elsewhere).
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     @field_validator(
-        "push_service_accounts", "api_audiences", "api_allowed_principals", mode="before"
+        "push_service_accounts",
+        "api_audiences",
+        "api_allowed_principals",
+        "cors_origins",
+        mode="before",
     )
     @classmethod
     def _split_lists(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+        return origins
 
     @field_validator("database_url")
     @classmethod

@@ -143,3 +143,49 @@ async def test_in_process_delivery_redelivers_after_a_transient_failure(
     assert run["delivery_count"] == 2
     expand = next(s for s in run["step_progress"] if s["step_name"] == "expand")
     assert expand["attempts"] == 5
+
+
+WEB_APP = "http://localhost:5173"
+
+
+async def test_cors_lets_an_allowed_origin_call_the_api_from_a_browser(
+    make_settings: Any, llm: FakeOpenAI
+) -> None:
+    settings = make_settings(cors_origins=f"{WEB_APP}, https://app.example.com")
+    async with running_app(settings) as (_, client):
+        preflight = await client.options(
+            "/v1/full-review",
+            headers={
+                "origin": WEB_APP,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "content-type,x-schema-version",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == WEB_APP
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        assert "x-schema-version" in preflight.headers["access-control-allow-headers"].lower()
+
+        submitted = await client.post(
+            "/v1/full-review", json={"idea": "A seed library."}, headers={"origin": WEB_APP}
+        )
+        assert submitted.status_code == 202
+        assert submitted.headers["access-control-allow-origin"] == WEB_APP
+        # The web app reads X-Request-ID, so it must be exposed to scripts.
+        assert "x-request-id" in submitted.headers["access-control-expose-headers"].lower()
+
+        # Errors are readable too, and another origin gets no grant.
+        missing = await client.get(f"/v1/runs/{uuid.uuid4()}", headers={"origin": WEB_APP})
+        assert missing.status_code == 404
+        assert missing.headers["access-control-allow-origin"] == WEB_APP
+        other = await client.get("/v1/runs", headers={"origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+async def test_without_cors_origins_no_browser_origin_is_granted(app_client: AppClient) -> None:
+    _, client = app_client
+    preflight = await client.options(
+        "/v1/runs", headers={"origin": WEB_APP, "access-control-request-method": "GET"}
+    )
+    assert preflight.status_code == 405
+    assert "access-control-allow-origin" not in preflight.headers

@@ -46,6 +46,12 @@ def test_service_accounts_are_comma_separated() -> None:
     ]
 
 
+def test_cors_origins_are_comma_separated() -> None:
+    s = settings(cors_origins="http://localhost:5173, https://app.example.com")
+    assert s.cors_origins == ["http://localhost:5173", "https://app.example.com"]
+    assert settings().cors_origins == []
+
+
 @pytest.mark.parametrize(
     ("values", "needle"),
     [
@@ -73,6 +79,8 @@ def test_service_accounts_are_comma_separated() -> None:
         ({"push_deadline_seconds": 600}, "PUSH_DEADLINE_SECONDS"),
         ({"push_auth": "oidc"}, "PUSH_AUDIENCE"),
         ({"database_url": "mysql://x"}, "DATABASE_URL"),
+        ({"cors_origins": "localhost:5173"}, "CORS_ORIGINS"),
+        ({"cors_origins": "https://app.example.com/path"}, "CORS_ORIGINS"),
     ],
 )
 def test_invalid_combinations_are_refused(values: dict[str, Any], needle: str) -> None:
