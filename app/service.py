@@ -402,7 +402,8 @@ class PushReceiver:
         # A redelivery carries the same data as the delivery that resolved its run: no need to
         # parse and validate it again. (Other data under a known id is parsed as new.)
         known = self._message_runs.get(message.source_key) if message.source_key else None
-        if known is not None and known[1] == _digest(message.data):
+        digest = _digest(message.data)
+        if known is not None and known[1] == digest:
             return await self._execute(known[0], message, body, headers)
         try:
             job = parse_job(message)
@@ -425,7 +426,10 @@ class PushReceiver:
                     lifecycle_event="enqueued",
                     message_id=message.message_id,
                 )
-        return await self._execute(run_id, message, body, headers)
+        outcome = await self._execute(run_id, message, body, headers)
+        if outcome is not Outcome.REJECTED and message.source_key:
+            self._message_runs[message.source_key] = (run_id, digest)
+        return outcome
 
     async def _execute(
         self, run_id: str, message: PushMessage, body: bytes, headers: Mapping[str, str]
@@ -439,8 +443,6 @@ class PushReceiver:
                 message.message_id,
                 message.subscription,
             )
-        if message.source_key:
-            self._message_runs[message.source_key] = (run_id, _digest(message.data))
         return outcome
 
     async def reject(

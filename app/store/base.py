@@ -93,6 +93,13 @@ class Repository:
                 raise _unavailable(exc) from exc
             raise
 
+    async def _insert(self, row: Any) -> int:
+        """Add one ORM row in its own transaction; its new primary key."""
+        async with self._transaction() as session:
+            session.add(row)
+            await session.flush()
+            return int(row.id)
+
     async def _statement(
         self, statement: Executable, params: Mapping[str, Any] | None = None
     ) -> Result[Any]:

@@ -169,8 +169,8 @@ class RecoveryStore(Repository):
         action: str,
         reason: str,
     ) -> int:
-        async with self._transaction() as session:
-            row = DeadLetter(
+        return await self._insert(
+            DeadLetter(
                 received_at=utcnow(),
                 run_id=run_id,
                 message_id=message_id,
@@ -179,6 +179,4 @@ class RecoveryStore(Repository):
                 action=action,
                 reason=reason,
             )
-            session.add(row)
-            await session.flush()
-            return row.id
+        )

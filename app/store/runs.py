@@ -363,8 +363,8 @@ class RunStore(Repository):
         message_id: str | None,
         subscription: str | None,
     ) -> int:
-        async with self._transaction() as session:
-            row = QuarantinedMessage(
+        return await self._insert(
+            QuarantinedMessage(
                 received_at=utcnow(),
                 reason=reason,
                 raw_body=raw_body,
@@ -372,9 +372,7 @@ class RunStore(Repository):
                 message_id=message_id,
                 subscription=subscription,
             )
-            session.add(row)
-            await session.flush()
-            return row.id
+        )
 
     async def list_quarantined(self, limit: int, offset: int) -> Sequence[QuarantinedMessage]:
         async with self._transaction() as session:
