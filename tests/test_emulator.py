@@ -13,7 +13,7 @@ import pytest
 from app.store.runs import RunStore
 from tests.conftest import StartApp
 from tests.emulator import PROJECT, PubSubEmulator
-from tests.fakes.openai_server import FakeOpenAI
+from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.procs import AppProcess, eventually
 
 
@@ -73,7 +73,10 @@ async def test_redelivery_during_a_slow_run_does_not_run_it_twice(
     # the message is redelivered. The emulator holds a redelivery back while its push is
     # outstanding and sends it after the late answer (real Pub/Sub may send it meanwhile: that
     # case, a live lease and 409, is covered against PostgreSQL in test_delivery_contract).
-    llm.step_delay["expand"] = 5.0
+    # The runs end 2 s apart: the first answer frees one of the emulator's two push slots while
+    # the other message is outstanding past its deadline, so its redelivery goes out then. Two
+    # answers at the same instant would leave no slot for it before both are acknowledged.
+    llm.queue("expand", Reply(delay=5.0), Reply(delay=7.0))
     app = start_receiver(start_app, emulator, "jobs-slow", ack_deadline=2, RUN_LEASE_SECONDS="30")
     emulator.publish(
         "jobs-slow", [json.dumps({"idea": f"Slow idea {i}."}).encode() for i in (1, 2)]
