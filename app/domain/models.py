@@ -9,6 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 DecisionLabel = Literal["approve", "revise", "reject"]
 Effort = Literal["small", "medium", "large", "very_large"]
+RunType = Literal["initial", "revision"]
+# High-priority runs travel on their own topic and subscription, and go first in-process.
+Priority = Literal["normal", "high"]
+
+# Version of the output shapes below; a client may pin it with the X-Schema-Version header.
+SCHEMA_VERSION = "1.0.0"
 
 
 class _Strict(BaseModel):
@@ -53,6 +59,15 @@ class PersonaReview(ReviewContent):
 
     persona_id: str
     persona_name: str
+
+    @property
+    def blocking_issues_present(self) -> bool:
+        return bool(self.blocking_issues)
+
+    @property
+    def security_concerns_present(self) -> bool:
+        """A blocking issue marked security-critical (what the reference calls a concern)."""
+        return any(issue.security_critical for issue in self.blocking_issues)
 
 
 class PersonaContribution(_Strict):

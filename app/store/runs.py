@@ -34,7 +34,7 @@ from app.store.tables import (
     UTCDateTime,
 )
 
-RUN_TYPE = "full_review"
+RUN_TYPE = "initial"
 DEFAULT_PRIORITY = "normal"
 _PERSONA_BY_STEP = {p.step_name: p for p in PERSONAS}
 
