@@ -33,7 +33,8 @@ async def wait_for_status(
 def assert_error_shape(response: httpx2.Response, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body: dict[str, Any] = response.json()
-    assert set(body) == {"code", "message", "details", "request_id"}
+    assert set(body) == {"code", "message", "details", "request_id", "detail"}
+    assert body["detail"] == body["message"]
     assert body["code"] == code
     assert body["request_id"] == response.headers["x-request-id"]
     return body
@@ -47,7 +48,7 @@ async def test_ten_sentences_are_accepted_and_the_run_completes(
     assert response.status_code == 202
     body = response.json()
     assert body["status"] == "queued"
-    assert body["run_type"] == "full_review"
+    assert body["run_type"] == "initial"
     assert body["priority"] == "normal"
     assert {"created_at", "queued_at", "message", "run_id"} <= set(body)
     run = await wait_for_status(client, body["run_id"], "completed")

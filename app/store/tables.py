@@ -53,8 +53,16 @@ class Run(Base):
     __tablename__ = "runs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    run_type: Mapped[str] = mapped_column(String(32))
-    priority: Mapped[str] = mapped_column(String(16))
+    run_type: Mapped[str] = mapped_column(String(32))  # initial | revision
+    priority: Mapped[str] = mapped_column(String(16))  # normal | high
+    # A revision's parent, and what it asked to change: {"edited_proposal", "edit_notes"}.
+    parent_run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    revision: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # Per-run overrides of the configured models and temperatures (NULL: the settings').
+    model: Mapped[str | None] = mapped_column(String(128))
+    temperature: Mapped[float | None] = mapped_column(Float)
+    schema_version: Mapped[str] = mapped_column(String(16), server_default="1.0.0")
+    prompt_set_version: Mapped[str] = mapped_column(String(16), server_default="1.0.0")
     status: Mapped[str] = mapped_column(String(16))
     input_idea: Mapped[str] = mapped_column(Text)
     extra_context: Mapped[Any | None] = mapped_column(JSONType)
@@ -110,6 +118,8 @@ class StepProgress(Base):
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     total_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # A revision's review taken over unchanged: the run whose LLM call produced it.
+    reused_from_run_id: Mapped[str | None] = mapped_column(String(36))
 
     run: Mapped[Run] = relationship(back_populates="steps")
 
