@@ -8,7 +8,14 @@ from functools import lru_cache
 from typing import Annotated, Literal
 from urllib.parse import quote_plus
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GOOGLE_V1_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
@@ -19,6 +26,11 @@ EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///./consensus_engine.db"
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?")
 # Left between the push deadline and Pub/Sub's ack deadline so the 503 reaches Pub/Sub in time.
 PUSH_DEADLINE_MARGIN_SECONDS = 30.0
+# Pub/Sub's rule for topic ids: 3..255 characters, a letter first, then letters, digits and
+# - _ . ~ + %; never starting with "goog".
+_TOPIC_ID = re.compile(r"(?!goog)[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}")
+# The high-priority topic when PUBSUB_HIGH_PRIORITY_TOPIC is unset: PUBSUB_TOPIC plus this.
+HIGH_PRIORITY_TOPIC_SUFFIX = "-high"
 
 
 class Settings(BaseSettings):
@@ -66,6 +78,16 @@ class Settings(BaseSettings):
     pubsub_topic: str = "consensus-engine-jobs"
     pubsub_subscription: str = "consensus-engine-jobs-sub"
     pubsub_emulator_host: str | None = None
+    # Runs with priority "high" are published here instead of PUBSUB_TOPIC; its own push
+    # subscription (scripts/setup_gcp.sh) has its own backlog and push rate, so high-priority
+    # jobs never wait behind the normal backlog. Unset: PUBSUB_TOPIC + "-high".
+    pubsub_high_priority_topic: str | None = Field(
+        None,
+        description=(
+            "Topic for priority=high jobs (its own push subscription to /pubsub/push); "
+            "default: PUBSUB_TOPIC + '-high'"
+        ),
+    )
 
     # Recovery: the sweep republishes, re-enqueues and times out runs nobody is working on
     sweep_interval_seconds: float = Field(60.0, gt=0.0, le=3600.0)
@@ -117,6 +139,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
         return origins
 
+    @field_validator("pubsub_topic", "pubsub_high_priority_topic")
+    @classmethod
+    def _check_topic(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if not value and info.field_name == "pubsub_high_priority_topic":
+            return None  # empty: derived from PUBSUB_TOPIC
+        if value is not None and not _TOPIC_ID.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a Pub/Sub topic id (3..255 letters, digits, - _ . ~ + %, "
+                "starting with a letter, not with goog)"
+            )
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _normalise_database_url(cls, value: str | None) -> str | None:
@@ -141,6 +175,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "PUSH_DEADLINE_SECONDS must be below WORKER_ACK_DEADLINE_SECONDS "
                 "so the answer reaches Pub/Sub before it gives up on the request"
+            )
+        if not _TOPIC_ID.fullmatch(self.effective_pubsub_high_priority_topic):
+            raise ValueError(
+                "PUBSUB_TOPIC + '-high' is too long for a topic id: set PUBSUB_HIGH_PRIORITY_TOPIC"
+            )
+        if self.effective_pubsub_high_priority_topic == self.pubsub_topic:
+            raise ValueError(
+                "PUBSUB_HIGH_PRIORITY_TOPIC must differ from PUBSUB_TOPIC, else high-priority "
+                "jobs wait in the same backlog as the others"
             )
         if self.effective_push_auth == "oidc" and not self.push_audience:
             raise ValueError("PUSH_AUTH=oidc needs PUSH_AUDIENCE")
@@ -197,6 +240,13 @@ class Settings(BaseSettings):
         if self.push_deadline_seconds is not None:
             return self.push_deadline_seconds
         return max(self.worker_ack_deadline_seconds - PUSH_DEADLINE_MARGIN_SECONDS, 1.0)
+
+    @property
+    def effective_pubsub_high_priority_topic(self) -> str:
+        """Where priority=high jobs are published (PubSubPublisher)."""
+        if self.pubsub_high_priority_topic is not None:
+            return self.pubsub_high_priority_topic
+        return self.pubsub_topic + HIGH_PRIORITY_TOPIC_SUFFIX
 
     @property
     def effective_expand_model(self) -> str:

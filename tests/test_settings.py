@@ -52,6 +52,17 @@ def test_cors_origins_are_comma_separated() -> None:
     assert settings().cors_origins == []
 
 
+def test_high_priority_topic_defaults_to_the_jobs_topic_plus_high() -> None:
+    assert settings().effective_pubsub_high_priority_topic == "consensus-engine-jobs-high"
+    assert settings(pubsub_topic="jobs").effective_pubsub_high_priority_topic == "jobs-high"
+    # An empty value (a rendered but unset variable) means the default too.
+    assert settings(pubsub_high_priority_topic="").effective_pubsub_high_priority_topic == (
+        "consensus-engine-jobs-high"
+    )
+    chosen = settings(pubsub_high_priority_topic="urgent-jobs")
+    assert chosen.effective_pubsub_high_priority_topic == "urgent-jobs"
+
+
 @pytest.mark.parametrize(
     ("values", "needle"),
     [
@@ -81,6 +92,11 @@ def test_cors_origins_are_comma_separated() -> None:
         ({"database_url": "mysql://x"}, "DATABASE_URL"),
         ({"cors_origins": "localhost:5173"}, "CORS_ORIGINS"),
         ({"cors_origins": "https://app.example.com/path"}, "CORS_ORIGINS"),
+        ({"pubsub_high_priority_topic": "jobs high"}, "PUBSUB_HIGH_PRIORITY_TOPIC"),
+        ({"pubsub_high_priority_topic": "goog-jobs"}, "PUBSUB_HIGH_PRIORITY_TOPIC"),
+        ({"pubsub_high_priority_topic": "consensus-engine-jobs"}, "must differ"),
+        ({"pubsub_topic": "j"}, "PUBSUB_TOPIC"),
+        ({"pubsub_topic": "j" * 252}, "PUBSUB_HIGH_PRIORITY_TOPIC"),
     ],
 )
 def test_invalid_combinations_are_refused(values: dict[str, Any], needle: str) -> None:
