@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from app.bounded import BoundedDict
 from app.domain.llm import LLM
-from app.domain.models import TokenUsage
+from app.domain.models import PersonaReview, TokenUsage
 from app.domain.personas import AGGREGATE_STEP
 from app.domain.pipeline import PipelineConfig, run_pipeline
 from app.errors import (
@@ -101,6 +101,10 @@ class _StoreProgress:
             step=step,
             total_tokens=usage.total_tokens,
         )
+
+    async def step_reused(self, step: str, review: PersonaReview, origin_run_id: str) -> None:
+        await self._store.step_reused(self._run_id, self._owner, step, review, origin_run_id)
+        logger.info("step reused from run {}", origin_run_id, step=step)
 
 
 class Runner:

@@ -1,12 +1,13 @@
-"""`/v1`: submit a full review, read one run, list runs."""
+"""`/v1`: submit a full review or a revision, read one run, list runs."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import asdict
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from loguru import logger
 
 from app.api.deps import ReadyServicesDep, require_api_caller
@@ -17,6 +18,7 @@ from app.api.schemas import (
     ErrorBody,
     FullReviewAccepted,
     FullReviewRequest,
+    RevisionRequest,
     RunDetail,
     RunList,
     RunSummary,
@@ -24,8 +26,12 @@ from app.api.schemas import (
     Usage,
     UtcDatetime,
 )
-from app.domain.models import TokenUsage
+from app.api.versions import pinned_versions
+from app.domain.models import PersonaReview, RunType, TokenUsage
 from app.domain.personas import PERSONAS
+from app.domain.revisions import read_edits
+from app.publish import QueuedJob
+from app.store.runs import RunStatus
 from app.store.tables import Run
 
 
@@ -48,28 +54,75 @@ _PERSONA_ORDER = {p.persona_id: index for index, p in enumerate(PERSONAS)}
     "/full-review",
     status_code=202,
     response_model=FullReviewAccepted,
-    responses=_errors(400),  # a body that cannot be parsed at all
+    dependencies=[Depends(pinned_versions)],
+    responses=_errors(400),  # a body that cannot be parsed at all, or an unsupported version
 )
 async def submit_full_review(
     body: FullReviewRequest, services: ReadyServicesDep
 ) -> FullReviewAccepted:
     """Create a queued run and hand it to the queue (or the in-process delivery)."""
-    run = await services.store.create_run(body.idea, body.extra_context)
-    logger.info("run enqueued", run_id=run.id, lifecycle_event="enqueued")
-    await services.outbox.publish(run.id)
+    run = await services.store.create_run(body.idea, body.extra_context, priority=body.priority)
+    return await _enqueue(run, services)
+
+
+@router.post(
+    "/runs/{run_id}/revisions",
+    status_code=202,
+    response_model=FullReviewAccepted,
+    dependencies=[Depends(pinned_versions)],
+    responses=_errors(400, 404, 409),
+)
+async def create_revision(
+    run_id: str, body: RevisionRequest, services: ReadyServicesDep
+) -> FullReviewAccepted:
+    """Queue a revision of a completed run: its edits applied, reviews re-run where needed."""
+    try:
+        read_edits(body.edited_proposal, body.edit_notes)
+    except ValueError as exc:
+        raise ApiError(422, "validation_error", str(exc)) from None
+    parent = await _find_run(run_id, services)
+    if parent.status != RunStatus.COMPLETED:
+        raise ApiError(
+            409,
+            "parent_not_completed",
+            f"run {parent.id} is {parent.status}; only a completed run can be revised",
+        )
+    run = await services.store.create_revision(
+        parent,
+        idea=body.input_idea or parent.input_idea,
+        extra_context=(parent.extra_context if body.extra_context is None else body.extra_context),
+        edits={"edited_proposal": body.edited_proposal, "edit_notes": body.edit_notes},
+        priority=body.priority or parent.priority,
+        model=body.model or parent.model,
+        temperature=parent.temperature if body.temperature is None else body.temperature,
+    )
+    return await _enqueue(run, services)
+
+
+async def _enqueue(run: Run, services: ReadyServicesDep) -> FullReviewAccepted:
+    logger.info(
+        "run enqueued",
+        run_id=run.id,
+        lifecycle_event="enqueued",
+        run_type=run.run_type,
+        priority=run.priority,
+        parent_run_id=run.parent_run_id,
+    )
+    await services.outbox.publish(QueuedJob(run.id, run.run_type, run.priority))
     return FullReviewAccepted(
         run_id=run.id,
         status=run.status,
         run_type=run.run_type,
         priority=run.priority,
+        parent_run_id=run.parent_run_id,
         created_at=run.created_at,
         queued_at=run.queued_at,
         message="Run queued; poll GET /v1/runs/{run_id} for progress.",
     )
 
 
-@router.get("/runs/{run_id}", response_model=RunDetail, responses=_errors(404))
-async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
+async def _find_run(run_id: str, services: ReadyServicesDep) -> Run:
+    """The run with its steps and reviews, or 404 (a non-UUID id names no run)."""
     try:
         run_id = str(uuid.UUID(run_id))
     except ValueError:
@@ -77,15 +130,28 @@ async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
     run = await services.store.get_run(run_id)
     if run is None:
         raise ApiError(404, "not_found", f"run {run_id} not found")
+    return run
+
+
+@router.get("/runs/{run_id}", response_model=RunDetail, responses=_errors(404))
+async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
+    run = await _find_run(run_id, services)
     usage = (await services.store.usage_by_run([run.id])).get(run.id, TokenUsage())
+    settings = services.settings
     return RunDetail(
         **_summary(run).model_dump(),
         extra_context=run.extra_context,
+        model=run.model or settings.effective_review_model,
+        temperature=settings.review_temperature if run.temperature is None else run.temperature,
+        schema_version=run.schema_version,
+        prompt_set_version=run.prompt_set_version,
+        revision=run.revision,
         proposal=run.proposal,
         persona_reviews=[
-            row.review for row in sorted(run.reviews, key=lambda r: _PERSONA_ORDER[r.persona_id])
+            _review_out(row.review)
+            for row in sorted(run.reviews, key=lambda r: _PERSONA_ORDER[r.persona_id])
         ],
-        decision=run.decision,
+        decision=_decision_out(run.decision),
         step_progress=[
             StepProgressOut(
                 step_name=s.step_name,
@@ -100,6 +166,7 @@ async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
                     output_tokens=s.output_tokens,
                     total_tokens=s.total_tokens,
                 ),
+                reused_from_run_id=s.reused_from_run_id,
             )
             for s in run.steps
         ],
@@ -111,29 +178,85 @@ async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
     )
 
 
-@router.get("/runs", response_model=RunList)
+_LIST_PARAMETERS = frozenset(
+    {
+        "limit",
+        "offset",
+        "status",
+        "decision",
+        "run_type",
+        "parent_run_id",
+        "min_confidence",
+        "created_after",
+        "created_before",
+        "start_date",
+        "end_date",
+    }
+)
+
+
+async def _known_parameters(request: Request) -> None:
+    """A misspelt filter is an error, not a silently unfiltered list."""
+    unknown = sorted(set(request.query_params) - _LIST_PARAMETERS)
+    if unknown:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"unknown query parameter(s): {', '.join(unknown)}",
+            {"unknown": unknown, "known": sorted(_LIST_PARAMETERS)},
+        )
+
+
+@router.get("/runs", response_model=RunList, dependencies=[Depends(_known_parameters)])
 async def list_runs(
     services: ReadyServicesDep,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_LIST_OFFSET)] = 0,
     status: Literal["queued", "running", "completed", "failed"] | None = None,
     decision: Literal["approve", "revise", "reject"] | None = None,
-    created_after: Annotated[UtcDatetime | None, Query()] = None,
-    created_before: Annotated[UtcDatetime | None, Query()] = None,
+    run_type: RunType | None = None,
+    parent_run_id: Annotated[uuid.UUID | None, Query()] = None,
+    min_confidence: Annotated[float | None, Query(ge=0.0, le=1.0, allow_inf_nan=False)] = None,
+    created_after: Annotated[
+        UtcDatetime | None, Query(description="created at or after (inclusive)")
+    ] = None,
+    created_before: Annotated[
+        UtcDatetime | None, Query(description="created before (exclusive)")
+    ] = None,
+    start_date: Annotated[
+        UtcDatetime | None, Query(description="the reference's name: created at or after")
+    ] = None,
+    end_date: Annotated[
+        UtcDatetime | None, Query(description="the reference's name: created at or before")
+    ] = None,
 ) -> RunList:
-    """Runs newest first, filtered by status, decision and creation time."""
+    """Runs newest first; every filter given must hold. Dates need a timezone."""
+    # Both spellings may be given: the narrower bound holds. The reference's end_date is
+    # inclusive, so the instant after it is the exclusive bound.
+    lower = [d for d in (created_after, start_date) if d is not None]
+    upper = [d for d in (created_before, end_date and _after(end_date)) if d is not None]
     runs, total = await services.store.list_runs(
-        limit, offset, status, decision, created_after, created_before
+        limit,
+        offset,
+        status=status,
+        decision=decision,
+        run_type=run_type,
+        parent_run_id=None if parent_run_id is None else str(parent_run_id),
+        min_confidence=min_confidence,
+        created_after=max(lower, default=None),
+        created_before=min(upper, default=None),
     )
     return RunList(runs=[_summary(r) for r in runs], total=total, limit=limit, offset=offset)
 
 
 def _summary(run: Run) -> RunSummary:
+    proposal = run.proposal or {}
     return RunSummary(
         run_id=run.id,
         status=run.status,
         run_type=run.run_type,
         priority=run.priority,
+        parent_run_id=run.parent_run_id,
         created_at=run.created_at,
         updated_at=run.updated_at,
         queued_at=run.queued_at,
@@ -143,4 +266,43 @@ def _summary(run: Run) -> RunSummary:
         decision_label=run.decision_label,
         overall_weighted_confidence=run.overall_weighted_confidence,
         error_message=run.error_message,
+        proposal_title=proposal.get("title"),
+        proposal_summary=proposal.get("summary"),
+        retry_count=max(run.delivery_count - 1, 0),
     )
+
+
+def _after(instant: datetime) -> datetime:
+    try:
+        return instant + timedelta(microseconds=1)
+    except OverflowError:
+        return instant
+
+
+def _review_out(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored review, with the flags the reference's clients read."""
+    review = PersonaReview.model_validate(stored)
+    return {
+        **stored,
+        "blocking_issues_present": review.blocking_issues_present,
+        "security_concerns_present": review.security_concerns_present,
+    }
+
+
+def _decision_out(stored: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored decision, with the reference's names for what it already holds."""
+    if stored is None:
+        return None
+    breakdown = stored.get("breakdown", [])
+    return {
+        **stored,
+        "weighted_confidence": stored.get("overall_weighted_confidence"),
+        "detailed_score_breakdown": {
+            "weights": {p["persona_id"]: p["weight"] for p in breakdown},
+            "individual_scores": {p["persona_id"]: p["confidence_score"] for p in breakdown},
+            "weighted_contributions": {
+                p["persona_id"]: p["weighted_contribution"] for p in breakdown
+            },
+            "formula": "overall_weighted_confidence = sum(weight * confidence_score)",
+        },
+    }

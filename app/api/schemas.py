@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, field_validator
 
 from app.domain.ideas import validate_extra_context, validate_idea
+from app.domain.models import Priority, RunType
+from app.domain.revisions import MAX_EDIT_NOTES_CHARS, MAX_EDITED_PROPOSAL_CHARS
 
 MAX_LIST_LIMIT = 100
 MAX_LIST_OFFSET = 2**31 - 1  # far beyond any real page, well inside a PostgreSQL bigint
@@ -20,6 +22,7 @@ class ErrorBody(BaseModel):
     message: str
     details: Any = None
     request_id: str | None = Field(description="the X-Request-ID of the request")
+    detail: str = Field(description="the message again, for clients of the reference API")
 
 
 def _in_utc(value: datetime) -> datetime:
@@ -37,6 +40,9 @@ UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 class FullReviewRequest(BaseModel):
     idea: str = Field(description="1 to 10 000 characters, at most 10 sentences")
     extra_context: str | dict[str, Any] | None = None
+    priority: Priority = Field(
+        default="normal", description="high-priority runs use their own topic and go first"
+    )
 
     @field_validator("idea")
     @classmethod
@@ -49,11 +55,61 @@ class FullReviewRequest(BaseModel):
         return validate_extra_context(value)
 
 
+class RevisionRequest(BaseModel):
+    """A revision of a completed run (the reference's body); give at least one of the edits."""
+
+    edited_proposal: str | dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "Proposal fields that replace the parent's (an object with some of title, summary, "
+            "problem_statement, proposed_solution, assumptions, scope_non_goals), or the "
+            "proposal as markdown text (`# title`, summary, `## Problem Statement`, ...); "
+            "other text is read as edit notes."
+        ),
+    )
+    edit_notes: str | None = Field(
+        default=None,
+        max_length=MAX_EDIT_NOTES_CHARS,
+        description="What to change: one LLM call revises the proposal along these notes.",
+    )
+    input_idea: str | None = Field(default=None, description="replaces the parent's idea")
+    extra_context: str | dict[str, Any] | None = Field(
+        default=None, description="replaces the parent's extra context"
+    )
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\w.:/-]+$",
+        description="model for this run's calls (default: the configured ones)",
+    )
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    priority: Priority | None = Field(default=None, description="default: the parent's")
+
+    @field_validator("edited_proposal")
+    @classmethod
+    def _edited(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(value, str) and len(value) > MAX_EDITED_PROPOSAL_CHARS:
+            raise ValueError(f"at most {MAX_EDITED_PROPOSAL_CHARS} characters")
+        return value
+
+    @field_validator("input_idea")
+    @classmethod
+    def _idea(cls, value: str | None) -> str | None:
+        return None if value is None else validate_idea(value)
+
+    @field_validator("extra_context")
+    @classmethod
+    def _extra(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        return validate_extra_context(value)
+
+
 class FullReviewAccepted(BaseModel):
     run_id: str
     status: str
-    run_type: str
-    priority: str
+    run_type: RunType
+    priority: Priority
+    parent_run_id: str | None = None
     created_at: datetime
     queued_at: datetime
     message: str
@@ -74,13 +130,17 @@ class StepProgressOut(BaseModel):
     error_message: str | None
     attempts: int
     usage: Usage
+    reused_from_run_id: str | None = Field(
+        description="status `reused`: the run whose review this step took over, at no cost"
+    )
 
 
 class RunSummary(BaseModel):
     run_id: str
     status: str
-    run_type: str
-    priority: str
+    run_type: RunType
+    priority: Priority
+    parent_run_id: str | None
     created_at: datetime
     updated_at: datetime
     queued_at: datetime
@@ -90,13 +150,30 @@ class RunSummary(BaseModel):
     decision_label: str | None
     overall_weighted_confidence: float | None
     error_message: str | None
+    proposal_title: str | None
+    proposal_summary: str | None
+    retry_count: int = Field(description="deliveries after the first that worked on the run")
 
 
 class RunDetail(RunSummary):
     extra_context: str | dict[str, Any] | None
+    model: str = Field(description="model of the reviews (the expansion may use another)")
+    temperature: float
+    schema_version: str
+    prompt_set_version: str
+    revision: dict[str, Any] | None = Field(
+        description="a revision's request: edited_proposal and edit_notes"
+    )
     proposal: dict[str, Any] | None
-    persona_reviews: list[dict[str, Any]]
-    decision: dict[str, Any] | None
+    persona_reviews: list[dict[str, Any]] = Field(
+        description="full reviews, with blocking_issues_present and security_concerns_present"
+    )
+    decision: dict[str, Any] | None = Field(
+        description=(
+            "the decision; minority_reports carry blocking_summary and "
+            "mitigation_recommendation, detailed_score_breakdown the per-persona scores"
+        )
+    )
     step_progress: list[StepProgressOut]
     usage: Usage
     delivery_count: int

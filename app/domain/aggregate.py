@@ -84,6 +84,21 @@ def _minority_reports(label: DecisionLabel, reviews: list[PersonaReview]) -> lis
                     confidence_score=review.confidence_score,
                     reason="; ".join(reasons),
                     blocking_issues=review.blocking_issues,
+                    blocking_summary=_blocking_summary(review, reasons),
+                    mitigation_recommendation=(
+                        "; ".join(review.recommendations)
+                        or "Resolve the concerns above, then request a revision."
+                    ),
+                    strengths=review.strengths,
+                    concerns=[c.text for c in review.concerns],
                 )
             )
     return reports
+
+
+def _blocking_summary(review: PersonaReview, reasons: list[str]) -> str:
+    """What holds the persona back: its blocking issues, else its blocking concerns, else why
+    it dissents."""
+    texts = [issue.text for issue in review.blocking_issues]
+    texts = texts or [c.text for c in review.concerns if c.is_blocking]
+    return "; ".join(texts) or "; ".join(reasons).capitalize() + "."

@@ -32,6 +32,10 @@ class Proposal(_Strict):
     scope_non_goals: list[str]
 
 
+class RevisedProposal(Proposal):
+    """The expand step's output when it revises a parent's proposal along edit notes."""
+
+
 class Concern(_Strict):
     text: str
     is_blocking: bool
@@ -84,6 +88,11 @@ class MinorityReport(_Strict):
     confidence_score: float
     reason: str
     blocking_issues: list[BlockingIssue]
+    # The reference's reading of a dissent: what blocks, what would fix it.
+    blocking_summary: str
+    mitigation_recommendation: str
+    strengths: list[str]
+    concerns: list[str]
 
 
 class Decision(_Strict):

@@ -36,6 +36,8 @@ APPROVE_THRESHOLD = 0.80  # inclusive
 REVISE_THRESHOLD = 0.60  # inclusive
 DISSENT_THRESHOLD = 0.60  # on approve, a persona below this files a minority report
 VETO_PERSONA_ID = "security_guardian"
+# A revision re-runs a persona whose parent review scored below this (or raised a blocking issue).
+RERUN_CONFIDENCE_THRESHOLD = 0.70
 
 EXPAND_STEP = "expand"
 AGGREGATE_STEP = "aggregate_decision"
@@ -57,5 +59,7 @@ def validate_policy() -> None:
         raise ValueError("persona weights must sum to 1.0")
     if not 0.0 < REVISE_THRESHOLD < APPROVE_THRESHOLD <= 1.0:
         raise ValueError("thresholds must satisfy 0 < revise < approve <= 1")
+    if not 0.0 < RERUN_CONFIDENCE_THRESHOLD <= 1.0:
+        raise ValueError("the re-run threshold must be in (0, 1]")
     if VETO_PERSONA_ID not in PERSONAS_BY_ID:
         raise ValueError("the veto persona must be one of the personas")

@@ -12,9 +12,17 @@ from app.domain import prompts
 from app.domain.aggregate import aggregate
 from app.domain.ideas import validate_extra_context, validate_idea
 from app.domain.llm import LLM, LLMCallError, LLMErrorKind, LLMRequest, LLMResult, T
-from app.domain.models import Decision, PersonaReview, Proposal, ReviewContent, TokenUsage
+from app.domain.models import (
+    Decision,
+    PersonaReview,
+    Proposal,
+    ReviewContent,
+    RevisedProposal,
+    TokenUsage,
+)
 from app.domain.personas import AGGREGATE_STEP, EXPAND_STEP, PERSONAS, Persona
 from app.domain.retry import RetryPolicy
+from app.domain.revisions import Revision, needs_rerun
 from app.errors import (
     InvalidRunInput,
     PermanentError,
@@ -55,12 +63,20 @@ class Progress(Protocol):
 
     async def step_completed(self, step: str, output: BaseModel, usage: TokenUsage) -> None: ...
 
+    async def step_reused(self, step: str, review: PersonaReview, origin_run_id: str) -> None:
+        """Record a review taken over from the parent run, which cost no call."""
+        ...
+
 
 @dataclass(frozen=True)
 class RunInput:
     run_id: str
     idea: str
     extra_context: str | dict[str, Any] | None
+    # Per-run overrides of the configured models and temperatures.
+    model: str | None = None
+    temperature: float | None = None
+    revision: Revision | None = None
 
 
 async def run_pipeline(
@@ -78,27 +94,22 @@ async def run_pipeline(
         raise InvalidRunInput(f"run input is invalid: {exc}") from exc
     proposal = checkpoint.proposal
     if proposal is None:
-        expanded = await _call_step(
-            run,
-            EXPAND_STEP,
-            Proposal,
-            config.expand_model,
-            config.expand_temperature,
-            prompts.EXPAND_INSTRUCTIONS,
-            prompts.expand_input(run.idea, run.extra_context),
-            llm,
-            progress,
-            config,
-        )
-        proposal = expanded.output
-        await progress.step_completed(EXPAND_STEP, proposal, expanded.usage)
+        proposal = await _expand(run, llm, progress, config)
 
-    pending = [p for p in PERSONAS if p.persona_id not in checkpoint.reviews]
+    reviews = dict(checkpoint.reviews)
+    pending = [p for p in PERSONAS if p.persona_id not in reviews]
+    if run.revision is not None:
+        # The parent's reviews that gave no reason to re-run are taken over, at no cost.
+        for persona in list(pending):
+            parent = run.revision.parent_reviews.get(persona.persona_id)
+            if parent is not None and not needs_rerun(parent.review):
+                await progress.step_reused(persona.step_name, parent.review, parent.origin_run_id)
+                reviews[persona.persona_id] = parent.review
+                pending.remove(persona)
     results = await asyncio.gather(
         *(_review(run, persona, proposal, llm, progress, config) for persona in pending),
         return_exceptions=True,
     )
-    reviews = dict(checkpoint.reviews)
     errors: list[BaseException] = []
     for persona, result in zip(pending, results, strict=True):
         if isinstance(result, BaseException):
@@ -116,6 +127,50 @@ async def run_pipeline(
     return decision
 
 
+async def _expand(run: RunInput, llm: LLM, progress: Progress, config: PipelineConfig) -> Proposal:
+    """The proposal: expanded from the idea, or a revision of the parent's."""
+    model = run.model or config.expand_model
+    temperature = config.expand_temperature if run.temperature is None else run.temperature
+    revision = run.revision
+    if revision is None:
+        result: LLMResult[Proposal] = await _call_step(
+            run,
+            EXPAND_STEP,
+            Proposal,
+            model,
+            temperature,
+            prompts.EXPAND_INSTRUCTIONS,
+            prompts.expand_input(run.idea, run.extra_context),
+            llm,
+            progress,
+            config,
+        )
+        proposal, usage = result.output, result.usage
+    else:
+        proposal = revision.edits.fields.apply(revision.parent_proposal)
+        usage = TokenUsage()
+        if revision.edits.notes is None:
+            # Edits alone need no model: the step is recorded, as done, without a call.
+            await progress.step_started(EXPAND_STEP)
+        else:
+            revised = await _call_step(
+                run,
+                EXPAND_STEP,
+                RevisedProposal,
+                model,
+                temperature,
+                prompts.REVISE_INSTRUCTIONS,
+                prompts.revise_input(proposal, revision.edits.notes, run.idea),
+                llm,
+                progress,
+                config,
+            )
+            proposal = Proposal.model_validate(revised.output.model_dump())
+            usage = revised.usage
+    await progress.step_completed(EXPAND_STEP, proposal, usage)
+    return proposal
+
+
 async def _review(
     run: RunInput,
     persona: Persona,
@@ -128,8 +183,8 @@ async def _review(
         run,
         persona.step_name,
         ReviewContent,
-        config.review_model,
-        config.review_temperature,
+        run.model or config.review_model,
+        config.review_temperature if run.temperature is None else run.temperature,
         prompts.review_instructions(persona),
         prompts.review_input(proposal, run.idea),
         llm,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
 
 from app.domain.llm import LLMRequest, LLMResult, T
-from app.domain.models import Proposal, ReviewContent, TokenUsage
+from app.domain.models import Proposal, ReviewContent, RevisedProposal, TokenUsage
 
 OFFLINE_MODEL = "offline"
 _LABEL = "[offline]"
@@ -25,6 +27,8 @@ class OfflineProvider:
         fields: dict[str, Any]
         if request.output_type is Proposal:
             fields = _proposal(request.input)
+        elif request.output_type is RevisedProposal:
+            fields = _revised(request.input)
         elif request.output_type is ReviewContent:
             fields = _review(request.step, digest)
         else:
@@ -46,6 +50,19 @@ def _proposal(text: str) -> dict[str, Any]:
         "assumptions": [f"{_LABEL} Users want this", f"{_LABEL} It can be built with known tools"],
         "scope_non_goals": [f"{_LABEL} Anything beyond the first release"],
     }
+
+
+def _data_block(text: str, name: str) -> str:
+    match = re.search(rf'<data name="{name}">\n(.*?)\n</data>', text, re.DOTALL)
+    return match.group(1) if match else ""
+
+
+def _revised(text: str) -> dict[str, Any]:
+    """The proposal in the request, its summary saying which notes it was revised along."""
+    fields: dict[str, Any] = json.loads(_data_block(text, "proposal"))
+    notes = _data_block(text, "edit_notes").strip()
+    fields["summary"] = f"{fields['summary']} {_LABEL} Revised along the notes: {notes[:300]}"
+    return fields
 
 
 def _review(step: str, digest: bytes) -> dict[str, Any]:

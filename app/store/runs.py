@@ -20,10 +20,20 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from app.domain.models import Decision, PersonaReview, Proposal, TokenUsage
+from app.domain.models import (
+    SCHEMA_VERSION,
+    Decision,
+    PersonaReview,
+    Priority,
+    Proposal,
+    RunType,
+    TokenUsage,
+)
 from app.domain.personas import AGGREGATE_STEP, EXPAND_STEP, PERSONAS, STEP_NAMES
 from app.domain.pipeline import Checkpoint, RunInput
-from app.errors import LeaseLost
+from app.domain.prompts import PROMPT_SET_VERSION
+from app.domain.revisions import ParentReview, Revision, read_edits
+from app.errors import InvalidRunInput, LeaseLost
 from app.store.base import Repository, db_time
 from app.store.tables import (
     DeadLetter,
@@ -34,8 +44,6 @@ from app.store.tables import (
     UTCDateTime,
 )
 
-RUN_TYPE = "initial"
-DEFAULT_PRIORITY = "normal"
 _PERSONA_BY_STEP = {p.step_name: p for p in PERSONAS}
 
 
@@ -51,6 +59,8 @@ class StepStatus(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+    # A revision's review taken over from its parent, without a call.
+    REUSED = "reused"
 
 
 class ClaimOutcome(StrEnum):
@@ -91,10 +101,39 @@ class RunStore(Repository):
         idea: str,
         extra_context: str | dict[str, Any] | None,
         source_key: str | None = None,
+        priority: Priority = "normal",
     ) -> Run:
-        """A queued run with its seven pending steps."""
+        """A queued initial run with its seven pending steps."""
         async with self._transaction() as session:
-            return _add_run(session, idea, extra_context, source_key)
+            return _add_run(
+                session, idea, extra_context, source_key, run_type="initial", priority=priority
+            )
+
+    async def create_revision(
+        self,
+        parent: Run,
+        idea: str,
+        extra_context: str | dict[str, Any] | None,
+        edits: dict[str, Any],
+        priority: Priority,
+        model: str | None,
+        temperature: float | None,
+    ) -> Run:
+        """A queued revision of the completed run `parent`; `edits` holds the request's
+        `edited_proposal` and `edit_notes`, read again by the pipeline."""
+        async with self._transaction() as session:
+            return _add_run(
+                session,
+                idea,
+                extra_context,
+                None,
+                run_type="revision",
+                priority=priority,
+                parent_run_id=parent.id,
+                revision=edits,
+                model=model,
+                temperature=temperature,
+            )
 
     async def run_for_message(
         self, source_key: str, idea: str, extra_context: str | dict[str, Any] | None
@@ -132,17 +171,30 @@ class RunStore(Repository):
         self,
         limit: int,
         offset: int,
+        *,
         status: str | None = None,
         decision: str | None = None,
+        run_type: RunType | None = None,
+        parent_run_id: str | None = None,
+        min_confidence: float | None = None,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
     ) -> tuple[Sequence[Run], int]:
-        """Newest first, with the total matching the filters."""
+        """Newest first, with the total matching the filters (all of them: AND).
+
+        `created_after` is inclusive, `created_before` exclusive.
+        """
         filters = []
         if status is not None:
             filters.append(Run.status == status)
         if decision is not None:
             filters.append(Run.decision_label == decision)
+        if run_type is not None:
+            filters.append(Run.run_type == run_type)
+        if parent_run_id is not None:
+            filters.append(Run.parent_run_id == parent_run_id)
+        if min_confidence is not None:
+            filters.append(Run.overall_weighted_confidence >= min_confidence)
         if created_after is not None:
             filters.append(Run.created_at >= created_after)
         if created_before is not None:
@@ -251,7 +303,8 @@ class RunStore(Repository):
             )
 
     async def load_work(self, run_id: str) -> tuple[RunInput, Checkpoint]:
-        """The run's input and whatever earlier deliveries completed."""
+        """The run's input (with its parent's work, for a revision) and whatever earlier
+        deliveries completed."""
         async with self._transaction() as session:
             run = await session.get(Run, run_id, options=[selectinload(Run.reviews)])
             if run is None:
@@ -262,7 +315,18 @@ class RunStore(Repository):
                     row.persona_id: PersonaReview.model_validate(row.review) for row in run.reviews
                 },
             )
-            return RunInput(run.id, run.input_idea, run.extra_context), checkpoint
+            revision = None
+            if run.parent_run_id is not None:
+                revision = await _revision_of(session, run)
+            work = RunInput(
+                run.id,
+                run.input_idea,
+                run.extra_context,
+                model=run.model,
+                temperature=run.temperature,
+                revision=revision,
+            )
+            return work, checkpoint
 
     # --- progress, fenced by the lease ---------------------------------------------------
 
@@ -299,20 +363,8 @@ class RunStore(Repository):
                 # Five reviews complete at once: their fences share the run's row.
                 if _rowcount(await session.execute(_STEP_COMPLETED_FENCED, params)) != 1:
                     raise _lease_lost(run_id, owner)
-                persona = _PERSONA_BY_STEP[step]
                 assert isinstance(output, PersonaReview)
-                await session.execute(
-                    _INSERT_REVIEW,
-                    {
-                        "run_id": run_id,
-                        "persona_id": persona.persona_id,
-                        "persona_name": persona.name,
-                        "weight": persona.weight,
-                        "confidence_score": output.confidence_score,
-                        "review": output.model_dump(mode="json"),
-                        "created_at": now,
-                    },
-                )
+                await session.execute(_INSERT_REVIEW, _review_row(run_id, step, output, now))
                 return
             # The proposal and the decision are written on the run itself: the run's own
             # fenced UPDATE comes first, so its row is locked once, exclusively. The decision is
@@ -334,6 +386,17 @@ class RunStore(Repository):
                 }
             await _write(session, _run_update(run_id, owner).values(**result), run_id, owner)
             await session.execute(_STEP_COMPLETED, params)
+
+    async def step_reused(
+        self, run_id: str, owner: str, step: str, review: PersonaReview, origin_run_id: str
+    ) -> None:
+        """Take over the parent's review for `step`, marked as reused and where it came from."""
+        now = utcnow()
+        params = _step_params(run_id, owner, step, now=now, origin=origin_run_id)
+        async with self._transaction() as session:
+            if _rowcount(await session.execute(_STEP_REUSED, params)) != 1:
+                raise _lease_lost(run_id, owner)
+            await session.execute(_INSERT_REVIEW, _review_row(run_id, step, review, now))
 
     async def fail(self, run_id: str, owner: str, error: str) -> bool:
         """Mark the run failed for good; False if the lease was no longer ours."""
@@ -406,17 +469,60 @@ class RunStore(Repository):
                 await session.execute(delete(table))
 
 
+def _review_row(run_id: str, step: str, review: PersonaReview, now: datetime) -> dict[str, Any]:
+    persona = _PERSONA_BY_STEP[step]
+    return {
+        "run_id": run_id,
+        "persona_id": persona.persona_id,
+        "persona_name": persona.name,
+        "weight": persona.weight,
+        "confidence_score": review.confidence_score,
+        "review": review.model_dump(mode="json"),
+        "created_at": now,
+    }
+
+
+async def _revision_of(session: AsyncSession, run: Run) -> Revision:
+    """What the revision `run` starts from; InvalidRunInput when its parent cannot give it."""
+    parent = await session.get(
+        Run, run.parent_run_id, options=[selectinload(Run.reviews), selectinload(Run.steps)]
+    )
+    if parent is None or parent.proposal is None:
+        raise InvalidRunInput(f"parent run {run.parent_run_id} has no proposal to revise")
+    origin = {step.step_name: step.reused_from_run_id for step in parent.steps}
+    edits = run.revision or {}
+    try:
+        read = read_edits(edits.get("edited_proposal"), edits.get("edit_notes"))
+    except ValueError as exc:
+        raise InvalidRunInput(f"revision edits are invalid: {exc}") from exc
+    return Revision(
+        parent_run_id=parent.id,
+        parent_proposal=Proposal.model_validate(parent.proposal),
+        parent_reviews={
+            row.persona_id: ParentReview(
+                PersonaReview.model_validate(row.review),
+                # Reused in the parent too: the run whose call produced it.
+                origin.get(f"review_{row.persona_id}") or parent.id,
+            )
+            for row in parent.reviews
+        },
+        edits=read,
+    )
+
+
 def _add_run(
     session: AsyncSession,
     idea: str,
     extra_context: str | dict[str, Any] | None,
     source_key: str | None,
+    **fields: Any,
 ) -> Run:
     now = utcnow()
     run = Run(
         id=str(uuid.uuid4()),
-        run_type=RUN_TYPE,
-        priority=DEFAULT_PRIORITY,
+        **fields,
+        schema_version=SCHEMA_VERSION,
+        prompt_set_version=PROMPT_SET_VERSION,
         status=RunStatus.QUEUED,
         input_idea=idea,
         extra_context=extra_context,
@@ -539,4 +645,16 @@ _STEP_COMPLETED = (
     .execution_options(synchronize_session=False)
 )
 _STEP_COMPLETED_FENCED = _STEP_COMPLETED.where(_LEASE_HELD)
+_STEP_REUSED = (
+    update(StepProgress)
+    .where(*_THIS_STEP, _LEASE_HELD)
+    .values(
+        status=StepStatus.REUSED,
+        started_at=_NOW,
+        completed_at=_NOW,
+        error_message=None,
+        reused_from_run_id=bindparam("p_origin", type_=Text()),
+    )
+    .execution_options(synchronize_session=False)
+)
 _INSERT_REVIEW = insert(PersonaReviewRow)

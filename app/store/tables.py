@@ -22,6 +22,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from app.domain.models import Priority, RunType
+
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 
@@ -53,8 +55,8 @@ class Run(Base):
     __tablename__ = "runs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    run_type: Mapped[str] = mapped_column(String(32))  # initial | revision
-    priority: Mapped[str] = mapped_column(String(16))  # normal | high
+    run_type: Mapped[RunType] = mapped_column(String(32))
+    priority: Mapped[Priority] = mapped_column(String(16))
     # A revision's parent, and what it asked to change: {"edited_proposal", "edit_notes"}.
     parent_run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), index=True)
     revision: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
