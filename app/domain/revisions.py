@@ -76,7 +76,7 @@ def read_edits(
         fields = ProposalEdits()
     joined = "\n\n".join(notes) or None
     if not fields.model_dump(exclude_none=True) and joined is None:
-        raise ValueError("give edited_proposal (some proposal fields) or edit_notes, or both")
+        raise ValueError("give edited_proposal or edit_notes (or both): neither changes anything")
     return RevisionEdits(fields, joined)
 
 
