@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx2
@@ -190,3 +191,89 @@ async def test_without_cors_origins_no_browser_origin_is_granted(app_client: App
     )
     assert preflight.status_code == 405
     assert "access-control-allow-origin" not in preflight.headers
+
+
+async def test_list_runs_reference_filters_and_fields(
+    app_client: AppClient, llm: FakeOpenAI
+) -> None:
+    _, client = app_client
+    llm.scores.update({"critic": 0.3})
+    low = (await client.post("/v1/full-review", json={"idea": "Low idea."})).json()["run_id"]
+    low_run = await wait_for_status(client, low, "completed")
+    llm.scores.clear()
+    high = (await client.post("/v1/full-review", json={"idea": "High idea."})).json()["run_id"]
+    await wait_for_status(client, high, "completed")
+    child = (
+        await client.post(f"/v1/runs/{high}/revisions", json={"edited_proposal": {"title": "T"}})
+    ).json()["run_id"]
+    await wait_for_status(client, child, "completed")
+
+    async def listed(**params: Any) -> list[str]:
+        response = await client.get("/v1/runs", params=params)
+        assert response.status_code == 200, response.text
+        return [r["run_id"] for r in response.json()["runs"]]
+
+    assert await listed(run_type="revision") == [child]
+    assert await listed(run_type="initial") == [high, low]
+    assert await listed(parent_run_id=high) == [child]
+    assert await listed(parent_run_id=str(uuid.uuid4())) == []
+    assert await listed(min_confidence=0.8) == [child, high]
+    assert await listed(min_confidence=0.0) == [child, high, low]
+    created = low_run["created_at"]
+    assert await listed(start_date=created, end_date=created) == [low]
+    assert await listed(end_date=created) == [low]
+    # The same wall-clock time one hour west is an hour later: the low run is before it.
+    west = datetime.fromisoformat(created).replace(tzinfo=timezone(timedelta(hours=-1)))
+    assert low not in await listed(start_date=west.isoformat())
+    assert await listed(run_type="revision", min_confidence=0.99) == []
+
+    item = (await client.get("/v1/runs", params={"run_type": "revision"})).json()["runs"][0]
+    assert item["parent_run_id"] == high
+    assert item["proposal_title"] == "T"
+    assert item["proposal_summary"] == "A list a household edits together."
+    assert item["run_type"] == "revision" and item["retry_count"] == 0
+
+    for params in (
+        {"run_type": "full_review"},
+        {"parent_run_id": "not-a-uuid"},
+        {"min_confidence": "1.5"},
+        {"min_confidence": "-0.1"},
+        {"min_confidence": "nan"},
+        {"min_confidence": "high"},
+        {"start_date": "2026-01-01T00:00:00"},  # no timezone
+        {"end_date": "yesterday"},
+        {"status": "done"},
+        {"runtype": "revision"},  # a misspelt filter is not ignored
+    ):
+        response = await client.get("/v1/runs", params=params)
+        assert_error_shape(response, 422, "validation_error")
+
+
+async def test_run_detail_carries_what_the_reference_clients_read(
+    app_client: AppClient, llm: FakeOpenAI
+) -> None:
+    _, client = app_client
+    llm.blocking.update({"critic": [{"text": "No budget", "security_critical": False}]})
+    llm.scores.update({"critic": 0.5})
+    run_id = (await client.post("/v1/full-review", json={"idea": "An idea."})).json()["run_id"]
+    run = await wait_for_status(client, run_id, "completed")
+
+    reviews = {r["persona_id"]: r for r in run["persona_reviews"]}
+    assert reviews["critic"]["blocking_issues_present"] is True
+    assert reviews["critic"]["security_concerns_present"] is False
+    assert reviews["architect"]["blocking_issues_present"] is False
+    decision = run["decision"]
+    assert decision["weighted_confidence"] == decision["overall_weighted_confidence"]
+    breakdown = decision["detailed_score_breakdown"]
+    assert breakdown["weights"]["architect"] == 0.25
+    assert breakdown["individual_scores"]["critic"] == 0.5
+    assert breakdown["weighted_contributions"]["critic"] == 0.125
+    [report] = decision["minority_reports"]
+    assert report["persona_id"] == "critic" and report["persona_name"] == "Critic"
+    assert report["confidence_score"] == 0.5
+    assert report["blocking_summary"] == "No budget"
+    assert report["mitigation_recommendation"] == "critic recommends a pilot"
+    assert run["parent_run_id"] is None and run["run_type"] == "initial"
+    assert run["model"] == "gpt-5.1" and run["temperature"] == 0.2
+    assert run["retry_count"] == 0
+    assert run["schema_version"] == "1.0.0" and run["prompt_set_version"] == "1.0.0"
