@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,27 @@ def test_downgrade_and_upgrade_again(tmp_path: Path) -> None:
     command.upgrade(alembic_config(url), "head")
     command.downgrade(alembic_config(url), "base")
     command.upgrade(alembic_config(url), "head")
+
+
+def test_runs_made_before_revisions_become_initial_runs(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/old.db"
+    command.upgrade(alembic_config(url), "0003")
+    old = sqlite3.connect(tmp_path / "old.db")
+    with old:
+        old.execute(
+            "INSERT INTO runs (id, run_type, priority, status, input_idea, delivery_count, "
+            "created_at, updated_at, queued_at) VALUES ('r1', 'full_review', 'normal', "
+            "'completed', 'An idea.', 1, '2026-01-01', '2026-01-01', '2026-01-01')"
+        )
+    old.close()
+
+    command.upgrade(alembic_config(url), "head")
+
+    migrated = sqlite3.connect(tmp_path / "old.db")
+    try:
+        row = migrated.execute(
+            "SELECT run_type, parent_run_id, schema_version, prompt_set_version FROM runs"
+        ).fetchone()
+    finally:
+        migrated.close()
+    assert row == ("initial", None, "1.0.0", "1.0.0")
