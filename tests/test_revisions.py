@@ -291,8 +291,16 @@ async def test_revision_refusals(app_client: AppClient, llm: FakeOpenAI) -> None
             "input_idea": "one. two. three. four. five. six. seven. eight. nine. ten. eleven.",
         },
         {"edit_notes": "x" * 10_001},
+        {"edit_notes": "nul \u0000 inside"},
+        {"edited_proposal": {"summary": "s" * 100_001}},
     ):
         assert_error_shape(await client.post(url, json=body), 422, "validation_error")
+    # A lone surrogate, escaped in JSON as a hostile client would send it.
+    surrogate = b'{"edited_proposal": {"title": "lone \\ud800 surrogate"}}'
+    response = await client.post(
+        url, content=surrogate, headers={"content-type": "application/json"}
+    )
+    assert_error_shape(response, 422, "validation_error")
 
 
 async def test_revision_overrides_model_temperature_and_priority(

@@ -9,7 +9,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, field_vali
 
 from app.domain.ideas import validate_extra_context, validate_idea
 from app.domain.models import Priority, RunType
-from app.domain.revisions import MAX_EDIT_NOTES_CHARS, MAX_EDITED_PROPOSAL_CHARS
+from app.domain.revisions import MAX_EDIT_NOTES_CHARS
 
 MAX_LIST_LIMIT = 100
 MAX_LIST_OFFSET = 2**31 - 1  # far beyond any real page, well inside a PostgreSQL bigint
@@ -64,7 +64,7 @@ class RevisionRequest(BaseModel):
             "Proposal fields that replace the parent's (an object with some of title, summary, "
             "problem_statement, proposed_solution, assumptions, scope_non_goals), or the "
             "proposal as markdown text (`# title`, summary, `## Problem Statement`, ...); "
-            "other text is read as edit notes."
+            "other text is read as edit notes. At most 100 000 characters."
         ),
     )
     edit_notes: str | None = Field(
@@ -85,13 +85,6 @@ class RevisionRequest(BaseModel):
     )
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     priority: Priority | None = Field(default=None, description="default: the parent's")
-
-    @field_validator("edited_proposal")
-    @classmethod
-    def _edited(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if isinstance(value, str) and len(value) > MAX_EDITED_PROPOSAL_CHARS:
-            raise ValueError(f"at most {MAX_EDITED_PROPOSAL_CHARS} characters")
-        return value
 
     @field_validator("input_idea")
     @classmethod

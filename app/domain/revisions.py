@@ -8,12 +8,14 @@ reviews are taken over unchanged.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.domain.ideas import json_problem
 from app.domain.models import PersonaReview, Proposal
 from app.domain.personas import RERUN_CONFIDENCE_THRESHOLD, VETO_PERSONA_ID
 
@@ -54,12 +56,18 @@ def read_edits(
     web app writes a proposal (`# title`, summary, `## Problem Statement`, ...) is read field by
     field; any other text is a description of the change, so it joins the notes.
     """
-    if edit_notes is not None and len(edit_notes) > MAX_EDIT_NOTES_CHARS:
-        raise ValueError(f"edit_notes exceeds {MAX_EDIT_NOTES_CHARS} characters")
+    for name, value, limit in (
+        ("edited_proposal", edited_proposal, MAX_EDITED_PROPOSAL_CHARS),
+        ("edit_notes", edit_notes, MAX_EDIT_NOTES_CHARS),
+    ):
+        problem = json_problem(value)
+        if problem is not None:
+            raise ValueError(f"{name} must not contain {problem}")
+        size = len(value) if isinstance(value, str) else len(json.dumps(value))
+        if size > limit:
+            raise ValueError(f"{name} exceeds {limit} characters")
     notes = [edit_notes.strip()] if edit_notes and edit_notes.strip() else []
     if isinstance(edited_proposal, str):
-        if len(edited_proposal) > MAX_EDITED_PROPOSAL_CHARS:
-            raise ValueError(f"edited_proposal exceeds {MAX_EDITED_PROPOSAL_CHARS} characters")
         parsed = parse_proposal_text(edited_proposal)
         if parsed is None:
             if edited_proposal.strip():
