@@ -19,7 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from loguru import logger
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api import health, push, runs, tasks
+from app.api import diff, health, push, runs, tasks
 from app.api.deps import Services
 from app.api.errors import error_response, install_error_handlers, request_id_var
 from app.auth import build_api_authenticator, build_authenticator
@@ -156,6 +156,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(push.router)
     app.include_router(runs.router)
+    app.include_router(diff.router)
     app.include_router(tasks.router)
     app.add_middleware(RequestContextMiddleware)
     if settings.cors_origins:
