@@ -8,6 +8,8 @@ import uuid
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.domain import prompts
 from app.domain.models import BlockingIssue, PersonaReview
@@ -387,3 +389,17 @@ def test_text_with_an_unknown_section_is_notes_not_a_proposal() -> None:
     assert both.notes == "Make it cheaper.\n\nAnd faster."
     with pytest.raises(ValueError, match="edited_proposal or edit_notes"):
         read_edits(None, "  ")
+
+
+@given(
+    text=st.text(alphabet=st.sampled_from(list("#- \n*1.)abcProblemStatementAssumptionsNone/")))
+    | st.text()
+)
+@settings(max_examples=300, deadline=None)
+def test_any_edited_text_is_read_or_refused_with_a_reason(text: str) -> None:
+    try:
+        edits = read_edits(text, None)
+    except ValueError as exc:
+        assert str(exc)
+        return
+    assert edits.notes is not None or edits.fields.model_dump(exclude_none=True)
