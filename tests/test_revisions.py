@@ -278,7 +278,7 @@ async def test_revision_refusals(app_client: AppClient, llm: FakeOpenAI) -> None
 
     parent = await completed_parent(client, llm)
     url = f"/v1/runs/{parent['run_id']}/revisions"
-    for body in (
+    bodies: list[dict[str, Any]] = [
         {},
         {"edit_notes": "   "},
         {"edited_proposal": {}},
@@ -295,7 +295,8 @@ async def test_revision_refusals(app_client: AppClient, llm: FakeOpenAI) -> None
         {"edit_notes": "x" * 10_001},
         {"edit_notes": "nul \u0000 inside"},
         {"edited_proposal": {"summary": "s" * 100_001}},
-    ):
+    ]
+    for body in bodies:
         assert_error_shape(await client.post(url, json=body), 422, "validation_error")
     # A lone surrogate, escaped in JSON as a hostile client would send it.
     surrogate = b'{"edited_proposal": {"title": "lone \\ud800 surrogate"}}'
