@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from fastapi import APIRouter, Depends
 
 from app.api.deps import ReadyServicesDep, Services, require_api_caller
 from app.api.errors import ApiError
-from app.api.schemas import ErrorBody
+from app.api.schemas import error_responses
 from app.domain.diff import RunDiffResponse, RunSide, diff_runs
 from app.domain.models import PersonaReview
 from app.store.tables import Run
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorBody} for status in statuses}
-
 
 # As every /v1 route (app/api/runs.py): caller auth (401/403), request validation (422) and
 # schema behind or identity provider unreachable (503).
@@ -25,14 +19,14 @@ router = APIRouter(
     prefix="/v1",
     tags=["runs"],
     dependencies=[Depends(require_api_caller)],
-    responses=_errors(401, 403, 422, 503),
+    responses=error_responses(401, 403, 422, 503),
 )
 
 
 @router.get(
     "/runs/{run_id}/diff/{other_run_id}",
     response_model=RunDiffResponse,
-    responses=_errors(400, 404),
+    responses=error_responses(400, 404),
     summary="Compare two runs",
     description=(
         "Run `run_id` (old, run1) against `other_run_id` (new, run2): each proposal field with "

@@ -15,7 +15,6 @@ from app.api.errors import ApiError
 from app.api.schemas import (
     MAX_LIST_LIMIT,
     MAX_LIST_OFFSET,
-    ErrorBody,
     FullReviewAccepted,
     FullReviewRequest,
     RevisionRequest,
@@ -25,6 +24,7 @@ from app.api.schemas import (
     StepProgressOut,
     Usage,
     UtcDatetime,
+    error_responses,
 )
 from app.api.versions import pinned_versions
 from app.domain.models import PersonaReview, RunType, TokenUsage
@@ -34,18 +34,13 @@ from app.publish import QueuedJob
 from app.store.runs import RunStatus
 from app.store.tables import Run
 
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorBody} for status in statuses}
-
-
 # Every /v1 route may answer these: caller auth (401/403), request validation (422) and
 # schema behind or identity provider unreachable (503).
 router = APIRouter(
     prefix="/v1",
     tags=["runs"],
     dependencies=[Depends(require_api_caller)],
-    responses=_errors(401, 403, 422, 503),
+    responses=error_responses(401, 403, 422, 503),
 )
 _PERSONA_ORDER = {p.persona_id: index for index, p in enumerate(PERSONAS)}
 
@@ -55,7 +50,8 @@ _PERSONA_ORDER = {p.persona_id: index for index, p in enumerate(PERSONAS)}
     status_code=202,
     response_model=FullReviewAccepted,
     dependencies=[Depends(pinned_versions)],
-    responses=_errors(400),  # a body that cannot be parsed at all, or an unsupported version
+    # A body that cannot be parsed at all, or a version this deployment does not serve.
+    responses=error_responses(400),
 )
 async def submit_full_review(
     body: FullReviewRequest, services: ReadyServicesDep
@@ -70,7 +66,7 @@ async def submit_full_review(
     status_code=202,
     response_model=FullReviewAccepted,
     dependencies=[Depends(pinned_versions)],
-    responses=_errors(400, 404, 409),
+    responses=error_responses(400, 404, 409),
 )
 async def create_revision(
     run_id: str, body: RevisionRequest, services: ReadyServicesDep
@@ -133,7 +129,7 @@ async def _find_run(run_id: str, services: ReadyServicesDep) -> Run:
     return run
 
 
-@router.get("/runs/{run_id}", response_model=RunDetail, responses=_errors(404))
+@router.get("/runs/{run_id}", response_model=RunDetail, responses=error_responses(404))
 async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
     run = await _find_run(run_id, services)
     usage = (await services.store.usage_by_run([run.id])).get(run.id, TokenUsage())

@@ -25,6 +25,11 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="the message again, for clients of the reference API")
 
 
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting `statuses` as answered with the error shape."""
+    return {status: {"model": ErrorBody} for status in statuses}
+
+
 def _in_utc(value: datetime) -> datetime:
     # Only instants that exist in UTC can be compared with the stored UTC timestamps.
     try:
