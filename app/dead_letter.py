@@ -20,6 +20,7 @@ from app.push.policy import Outcome
 from app.service import PushReceiver
 from app.store.recovery import RecoveryStore
 from app.store.runs import RunStatus, RunStore
+from app.sweep import queued
 
 # Attributes Pub/Sub adds to a message it forwards to a dead-letter topic.
 SOURCE_DELIVERY_COUNT = "CloudPubSubDeadLetterSourceDeliveryCount"
@@ -80,7 +81,7 @@ class DeadLetterReceiver:
             action = "requeued"
             reason = f"re-enqueued after {attempts or 'an unknown number of'} attempts"
             await self._recovery.mark_requeued(run_id)
-            if not await self._outbox.publish(run_id):
+            if not await self._outbox.publish(queued(state.job)):
                 reason += "; the publish failed, the sweep retries it"
 
         await self._recovery.record_dead_letter(

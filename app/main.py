@@ -43,7 +43,7 @@ from app.store.db import (
 )
 from app.store.recovery import RecoveryStore
 from app.store.runs import RunStore
-from app.sweep import Sweeper
+from app.sweep import Sweeper, queued
 
 # How long a cached readiness answer stands on the request path.
 SCHEMA_CHECK_TTL_SECONDS = 5.0
@@ -82,13 +82,17 @@ def create_app(settings: Settings) -> FastAPI:
         publisher: Publisher
         if settings.pubsub_project_id:
             publisher = PubSubPublisher(
-                settings.pubsub_project_id, settings.pubsub_topic, settings.pubsub_emulator_host
+                settings.pubsub_project_id,
+                settings.pubsub_topic,
+                settings.effective_pubsub_high_priority_topic,
+                settings.pubsub_emulator_host,
             )
         else:
             publisher = InProcessPublisher(
                 receiver.handle,
                 max_attempts=settings.max_delivery_attempts,
                 initial_backoff=max(settings.retry_initial_backoff_seconds, 0.1),
+                max_in_flight=settings.worker_max_concurrency,
             )
         outbox = Outbox(recovery, publisher)
         sweeper = Sweeper(
@@ -110,8 +114,8 @@ def create_app(settings: Settings) -> FastAPI:
         )
         if (await services.schema.status()).current and isinstance(publisher, InProcessPublisher):
             # No queue redelivers on the embedded default: pick up what a previous process left.
-            for run_id in await recovery.unfinished_run_ids(limit=1000):
-                await publisher.publish(run_id)
+            for run in await recovery.unfinished_runs(limit=1000):
+                await publisher.publish(queued(run))
         sweeping = asyncio.create_task(sweeper.run_forever(settings.sweep_interval_seconds))
         app.state.services = services
         restore_signals = _on_shutdown_signal(runner.begin_shutdown)

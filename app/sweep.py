@@ -21,13 +21,18 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from app.publish import PUBLISH_TIMEOUT_SECONDS, Outbox
-from app.store.recovery import RecoveryStore
+from app.publish import PUBLISH_TIMEOUT_SECONDS, Outbox, QueuedJob
+from app.store.recovery import RecoveryStore, RunJob
 
 # Runs handled per round and per kind; the next round takes the rest.
 BATCH = 100
 # A new run's own publish gets this long before the sweep publishes it too.
 OUTBOX_GRACE_SECONDS = 2 * PUBLISH_TIMEOUT_SECONDS
+
+
+def queued(run: RunJob) -> QueuedJob:
+    """The job message that hands `run` to the queue again, routed by its priority."""
+    return QueuedJob(run.run_id, run.run_type, run.priority)
 
 
 @dataclass(frozen=True)
@@ -60,20 +65,20 @@ class Sweeper:
                 logger.error("job failed: {}", reason, run_id=run_id, lifecycle_event="job_failed")
 
         requeued = 0
-        for run_id in await self._recovery.take_stale(self._stale_seconds, BATCH):
-            if not await self._outbox.publish(run_id):
+        for run in await self._recovery.take_stale(self._stale_seconds, BATCH):
+            if not await self._outbox.publish(queued(run)):
                 break  # the queue is unreachable; these runs are taken again next time
             requeued += 1
             logger.warning(
                 "stale run re-enqueued (no live lease, no progress for {:g}s)",
                 self._stale_seconds,
-                run_id=run_id,
+                run_id=run.run_id,
                 lifecycle_event="run_requeued",
             )
 
         published = 0
-        for run_id in await self._recovery.unpublished_run_ids(OUTBOX_GRACE_SECONDS, BATCH):
-            if not await self._outbox.publish(run_id):
+        for run in await self._recovery.unpublished_runs(OUTBOX_GRACE_SECONDS, BATCH):
+            if not await self._outbox.publish(queued(run)):
                 break
             published += 1
         if timed_out or requeued or published:

@@ -10,19 +10,42 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
 
+from app.domain.models import Priority, RunType
 from app.store.base import Repository, db_time
 from app.store.runs import UNFINISHED, RunStatus, no_live_lease, utcnow
 from app.store.tables import DeadLetter, Run
 
 
 @dataclass(frozen=True)
+class RunJob:
+    """What a job message says about a run: which one, and how the queue routes it."""
+
+    run_id: str
+    run_type: RunType
+    priority: Priority
+
+
+@dataclass(frozen=True)
 class RunState:
-    """What the dead-letter receiver needs to decide about a run."""
+    """What the dead-letter receiver needs to decide about a run (and to re-enqueue it)."""
 
     status: str
     leased: bool
     elapsed_seconds: float  # since the first claim, or since it was queued if never claimed
     error_message: str | None
+    job: RunJob
+
+
+_JOB_COLUMNS = (Run.id, Run.run_type, Run.priority)
+
+
+def _job(run_id: str, run_type: str, priority: str) -> RunJob:
+    # The columns hold what the store wrote; anything else reads as the default.
+    return RunJob(
+        run_id,
+        "revision" if run_type == "revision" else "initial",
+        "high" if priority == "high" else "normal",
+    )
 
 
 class RecoveryStore(Repository):
@@ -37,11 +60,11 @@ class RecoveryStore(Repository):
                 .execution_options(synchronize_session=False)
             )
 
-    async def unpublished_run_ids(self, older_than_seconds: float, limit: int) -> list[str]:
+    async def unpublished_runs(self, older_than_seconds: float, limit: int) -> list[RunJob]:
         """Queued runs whose job message the queue never accepted, oldest first."""
         async with self._transaction() as session:
             result = await session.execute(
-                select(Run.id)
+                select(*_JOB_COLUMNS)
                 .where(
                     Run.status == RunStatus.QUEUED,
                     Run.published_at.is_(None),
@@ -50,20 +73,20 @@ class RecoveryStore(Repository):
                 .order_by(Run.created_at)
                 .limit(limit)
             )
-            return list(result.scalars().all())
+            return [_job(*row) for row in result]
 
-    async def unfinished_run_ids(self, limit: int) -> list[str]:
+    async def unfinished_runs(self, limit: int) -> list[RunJob]:
         """Runs not yet completed or failed, oldest first."""
         async with self._transaction() as session:
             result = await session.execute(
-                select(Run.id)
+                select(*_JOB_COLUMNS)
                 .where(Run.status.in_(UNFINISHED))
                 .order_by(Run.created_at)
                 .limit(limit)
             )
-            return list(result.scalars().all())
+            return [_job(*row) for row in result]
 
-    async def take_stale(self, stale_seconds: float, limit: int) -> list[str]:
+    async def take_stale(self, stale_seconds: float, limit: int) -> list[RunJob]:
         """Runs that were published, are unfinished, hold no live lease and made no progress
         for `stale_seconds`; each is marked re-enqueued (which counts as progress, so another
         sweep leaves it alone for the next `stale_seconds`)."""
@@ -91,10 +114,10 @@ class RecoveryStore(Repository):
                     Run.updated_at < db_time(-stale_seconds),
                 )
                 .values(requeue_count=Run.requeue_count + 1, updated_at=db_time())
-                .returning(Run.id)
+                .returning(*_JOB_COLUMNS)
                 .execution_options(synchronize_session=False)
             )
-            return list(result.scalars().all())
+            return [_job(*row) for row in result]
 
     async def timed_out_runs(self, job_timeout_seconds: float, limit: int) -> list[str]:
         """Unfinished runs without a live lease whose job timeout has passed: counted from the
@@ -143,13 +166,14 @@ class RecoveryStore(Repository):
                         func.coalesce(Run.started_at, Run.queued_at),
                         db_time(),
                         Run.error_message,
+                        *_JOB_COLUMNS,
                     ).where(Run.id == run_id)
                 )
             ).one_or_none()
         if row is None:
             return None
-        status, leased, since, now, error = row
-        return RunState(status, bool(leased), (now - since).total_seconds(), error)
+        status, leased, since, now, error, *job = row
+        return RunState(status, bool(leased), (now - since).total_seconds(), error, _job(*job))
 
     async def mark_requeued(self, run_id: str) -> None:
         async with self._transaction() as session:
