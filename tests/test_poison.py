@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from app.domain.ideas import MAX_JSON_DEPTH, text_problem
+from app.domain.ideas import MAX_JSON_DEPTH, json_problem, text_problem
 from app.push.envelope import (
     MAX_MESSAGE_ID_CHARS,
     MAX_SUBSCRIPTION_CHARS,
@@ -36,6 +36,7 @@ AppClient = tuple[FastAPI, httpx2.AsyncClient]
 SUBSCRIPTION = "projects/p/subscriptions/s"
 DEEP = "[" * 10_000 + "]" * 10_000  # far past Python's recursion limit
 JUST_TOO_DEEP = "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)  # within it
+NO_ID = object()  # as `message_id`: an envelope without messageId
 
 
 def envelope(
@@ -46,15 +47,14 @@ def envelope(
 ) -> bytes:
     """A wrapped push envelope; json.dumps writes NaN as NaN and lone surrogates as escapes."""
     raw = data.encode() if isinstance(data, str) else data
-    body: dict[str, Any] = {
-        "message": {
-            "data": base64.b64encode(raw).decode(),
-            "attributes": {},
-            "messageId": message_id,
-            "publishTime": "2024-01-01T00:00:00Z",
-        },
-        "subscription": subscription,
+    message: dict[str, Any] = {
+        "data": base64.b64encode(raw).decode(),
+        "attributes": {},
+        "publishTime": "2024-01-01T00:00:00Z",
     }
+    if message_id is not NO_ID:
+        message["messageId"] = message_id
+    body: dict[str, Any] = {"message": message, "subscription": subscription}
     if delivery_attempt is not None:
         body["deliveryAttempt"] = delivery_attempt
     return json.dumps(body).encode()
@@ -144,6 +144,9 @@ POISON_PUSHES = {
     "subscription and messageId over 512 together": envelope(job(), "m" * 256, "s" * 300),
     "non-UTF-8 data": envelope(b'{"idea": "\xff\xfe"}', "latin"),
     "run_id that is not a string": envelope(json.dumps({"run_id": {"a": 1}}), "odd-run-id"),
+    "messageId that is not a string": envelope(job(), 12),
+    "self-contained job without messageId": envelope(job(), NO_ID),
+    "self-contained job with priority 'urgent'": envelope(job(priority="urgent"), "urgent"),
 }
 
 
@@ -278,7 +281,7 @@ async def test_any_json_body_is_acknowledged(app_client: AppClient, value: Any) 
 @PROPERTY_SETTINGS
 @given(
     data=st.one_of(JSON_VALUES.map(json.dumps), st.binary(max_size=100)),
-    message_id=HOSTILE_FIELD,
+    message_id=HOSTILE_FIELD | st.just(NO_ID),
     subscription=HOSTILE_FIELD,
     attempt=HOSTILE_ATTEMPT,
 )
@@ -311,6 +314,99 @@ def jobs_with_one_hostile_field(draw: st.DrawFn) -> bytes:
 async def test_any_job_is_quarantined_or_run(app_client: AppClient, body: bytes) -> None:
     app, client = app_client
     await assert_acknowledged(app, client, body)
+
+
+# The reference project's publisher sends `{run_id, run_type, priority, payload}`; each of the
+# last three may be absent, as the reference sends it, or anything else.
+PLAIN_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children),
+    max_leaves=10,
+)
+REFERENCE_FIELDS = {
+    "run_type": st.sampled_from(["initial", "revision"]),
+    "priority": st.sampled_from(["normal", "high"]),
+    "payload": st.dictionaries(st.text(max_size=20), PLAIN_JSON, max_size=3),
+}
+WIRE_FORMS = st.sampled_from(
+    ["wrapped", "wrapped without messageId", "no_wrapper", "no_wrapper without message id"]
+)
+
+
+@st.composite
+def reference_fields(draw: st.DrawFn) -> dict[str, Any]:
+    """Each field absent (2 in 5), as the reference sends it (2 in 5) or anything (1 in 5), so
+    that about half the jobs are valid."""
+    fields: dict[str, Any] = {}
+    for name, as_sent in REFERENCE_FIELDS.items():
+        kind = draw(st.integers(0, 4))
+        if kind >= 2:
+            fields[name] = draw(as_sent if kind < 4 else JSON_VALUES | HOSTILE_FIELD)
+    return fields
+
+
+def reference_job_is_valid(job: dict[str, Any]) -> bool:
+    """What must run: each field that is present as the reference sends it, and plain JSON."""
+    return (
+        job.get("run_type", "initial") in ("initial", "revision")
+        and job.get("priority", "normal") in ("normal", "high")
+        and isinstance(job.get("payload", {}), dict)
+        and json_problem(job, allow_nul=True) is None
+    )
+
+
+def on_the_wire(job: dict[str, Any], form: str) -> tuple[bytes, dict[str, str]]:
+    """`job` as a push request of `form` (see WIRE_FORMS): the body and its headers."""
+    data = json.dumps(job)
+    if form == "wrapped":
+        return envelope(data, "ref-1"), {}
+    if form == "wrapped without messageId":
+        return envelope(data, NO_ID), {}
+    headers = {"x-goog-pubsub-subscription-name": SUBSCRIPTION}
+    if form == "no_wrapper":
+        headers["x-goog-pubsub-message-id"] = "ref-1"
+    return data.encode(), headers
+
+
+async def completed_run_id(app: FastAPI, client: httpx2.AsyncClient) -> str:
+    """A run that completed (made once per app): a valid job for it is a duplicate, 204."""
+    run_id: str | None = getattr(app.state, "completed_run_id", None)
+    if run_id is None:
+        run = await services_of(app).store.create_run("A tool library for neighbours.", None)
+        body = envelope(json.dumps({"run_id": run.id}), "first-delivery")
+        assert (await client.post("/pubsub/push", content=body)).status_code == 204
+        assert await services_of(app).store.status(run.id) == "completed"
+        app.state.completed_run_id = run_id = run.id
+    return run_id
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(fields=reference_fields(), form=WIRE_FORMS)
+def test_reference_job_fields_are_checked(fields: dict[str, Any], form: str) -> None:
+    """Accepted, with or without a message id, exactly when the reference could have sent it."""
+    run_id = "0b7e3c1e-5a4c-4b8e-9d61-3f2a1c0d9e8f"
+    job = {"run_id": run_id, **fields}
+    try:
+        parsed = parse_job(decode_push(*on_the_wire(job, form)))
+    except MalformedPush:
+        assert not reference_job_is_valid(job)
+        return
+    assert reference_job_is_valid(job)
+    assert parsed == Job(run_id=run_id)
+
+
+@PROPERTY_SETTINGS
+@given(fields=reference_fields(), form=WIRE_FORMS)
+async def test_reference_jobs_run_or_are_quarantined(
+    app_client: AppClient, fields: dict[str, Any], form: str
+) -> None:
+    """Never a 5xx: a job for a completed run is a duplicate (204) when its fields are what the
+    reference sends, and quarantined (204) otherwise."""
+    app, client = app_client
+    job = {"run_id": await completed_run_id(app, client), **fields}
+    body, headers = on_the_wire(job, form)
+    expected = "run" if reference_job_is_valid(job) else "quarantined"
+    assert await assert_acknowledged(app, client, body, headers) == expected
 
 
 @settings(max_examples=300, deadline=None, database=None)
@@ -409,7 +505,8 @@ async def test_poison_api_request_is_a_4xx_in_the_error_shape(
     response = await client.request(method, url, content=body, headers=headers)
     assert 400 <= response.status_code < 500, response.text
     error = response.json()
-    assert set(error) == {"code", "message", "details", "request_id"}
+    assert set(error) == {"code", "message", "details", "request_id", "detail"}
+    assert error["detail"] == error["message"]
     assert error["request_id"] == response.headers["x-request-id"]
 
 

@@ -1,4 +1,8 @@
-"""The one error shape of the HTTP API: `{code, message, details, request_id}`."""
+"""The one error shape of the HTTP API: `{code, message, details, request_id}`, plus `detail`.
+
+`detail` repeats the message: it is where FastAPI's default answers put it, so the reference
+project's clients, which read `detail`, show our errors unchanged.
+"""
 
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ def error_response(
     details: Any = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
+    """Every error body of the app, from any route, handler or middleware, is built here."""
     return ErrorJSONResponse(
         status_code=status,
         content={
@@ -65,6 +70,7 @@ def error_response(
             "message": message,
             "details": details,
             "request_id": request_id_var.get(),
+            "detail": message,
         },
         headers=headers,
     )

@@ -8,7 +8,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from app.domain.ideas import (
     json_problem,
@@ -17,6 +17,11 @@ from app.domain.ideas import (
     validate_extra_context,
     validate_idea,
 )
+from app.domain.models import Priority, RunType
+
+# What the reference's publisher may send beside `run_id`.
+RUN_TYPES: tuple[str, ...] = get_args(RunType)
+PRIORITIES: tuple[str, ...] = get_args(Priority)
 
 # Column sizes of quarantined_messages (message_id, subscription) and runs (source_key).
 MAX_MESSAGE_ID_CHARS = 256
@@ -100,9 +105,14 @@ def decode_push(body: bytes, headers: Mapping[str, str]) -> PushMessage:
 def _wrapped(envelope: dict[str, Any]) -> PushMessage:
     message: dict[str, Any] = envelope["message"]
     message_id = message.get("messageId", message.get("message_id"))
-    if not isinstance(message_id, str) or not message_id:
-        raise MalformedPush("envelope message has no messageId")
-    message_id = _identifier(message_id, "messageId", MAX_MESSAGE_ID_CHARS)
+    if message_id is None or message_id == "":
+        # No id: a `{run_id}` job is still one (the run's lease makes it run once); parse_job
+        # refuses a self-contained job, whose run is found by its message id.
+        message_id = None
+    elif isinstance(message_id, str):
+        message_id = _identifier(message_id, "messageId", MAX_MESSAGE_ID_CHARS)
+    else:
+        raise MalformedPush("envelope messageId is not a string")
     subscription = envelope.get("subscription")
     if isinstance(subscription, str):
         subscription = _identifier(subscription, "subscription", MAX_SUBSCRIPTION_CHARS)
@@ -168,7 +178,12 @@ def _delivery_attempt(value: Any) -> int | None:
 
 
 def parse_job(message: PushMessage) -> Job:
-    """The job in the message data (JSON), or in its attributes when the data is empty."""
+    """The job in the message data (JSON), or in its attributes when the data is empty.
+
+    `{run_id, run_type?, priority?, payload?}` (the reference's publisher) needs no message id:
+    the run is its identity. `{idea, extra_context?}` does, to map redeliveries to one run.
+    Other keys are ignored.
+    """
     fields: dict[str, Any]
     if message.data.strip():
         fields = _json_object(message.data)
@@ -177,6 +192,7 @@ def parse_job(message: PushMessage) -> Job:
     else:
         raise MalformedPush("message has neither data nor attributes")
 
+    _check_reference_fields(fields)
     if "run_id" in fields:
         try:
             return Job(run_id=str(uuid.UUID(fields["run_id"])))
@@ -198,6 +214,21 @@ def parse_job(message: PushMessage) -> Job:
             raise MalformedPush(f"invalid job: {exc}") from exc
         return Job(idea=idea, extra_context=extra)
     raise MalformedPush("job has neither run_id nor idea")
+
+
+def _check_reference_fields(fields: Mapping[str, Any]) -> None:
+    """The fields the reference project's publisher sends beside `run_id`, when present.
+
+    They are informational (the run row is the source of truth) but must be what the reference
+    sends: anything else is a malformed job. The hostile value itself is never echoed.
+    """
+    for name, allowed in (("run_type", RUN_TYPES), ("priority", PRIORITIES)):
+        if name in fields:
+            value = fields[name]
+            if not isinstance(value, str) or value not in allowed:
+                raise MalformedPush(f"{name} is not one of {', '.join(allowed)}")
+    if "payload" in fields and not isinstance(fields["payload"], dict):
+        raise MalformedPush("payload is not a JSON object")
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
