@@ -117,4 +117,5 @@ async def test_unhandled_error_answers_500_with_the_error_shape(
         "message": "internal server error",
         "details": None,
         "request_id": "req-500",
+        "detail": "internal server error",
     }
