@@ -12,17 +12,18 @@ Creates, or brings up to date, everything the push receiver needs around it:
   - Artifact Registry Docker repository for the image
   - service accounts: the receiver (Cloud Run runtime) and the push identity
   - the OpenAI key secret (empty; you add its value) and the receiver's access to it
-  - topic, dead-letter topic with a pull subscription that keeps dead letters, and the
-    push subscription to <service-url>/pubsub/push (OIDC token, ack deadline, retry
-    policy, dead-letter policy)
+  - topic, high-priority topic, dead-letter topic with a pull subscription that keeps
+    dead letters, and one push subscription on each job topic to
+    <service-url>/pubsub/push (OIDC token, ack deadline, retry policy, dead-letter
+    policy; the same settings for both)
   - the dead-letter push subscription to <service-url>/pubsub/dead-letter (same OIDC
     identity and audience; no dead-letter policy of its own)
   - the Cloud Scheduler job that POSTs <service-url>/tasks/sweep every minute with an
     OIDC token of the push identity (stale-run sweep and outbox relay)
   - IAM: receiver -> cloudsql.client, cloudsql.instanceUser, secretAccessor on the
-    secret, pubsub.publisher on the topic; Pub/Sub service agent -> token creator on
-    the push identity, publisher on the dead-letter topic, subscriber on the push
-    subscription; push identity -> run.invoker (cloud-run-iam mode only; it covers the
+    secret, pubsub.publisher on both job topics; Pub/Sub service agent -> token creator
+    on the push identity, publisher on the dead-letter topic, subscriber on both push
+    subscriptions; push identity -> run.invoker (cloud-run-iam mode only; it covers the
     sweep job too)
   - Cloud SQL (when the instance exists): the receiver's IAM database user and the database
 
@@ -46,6 +47,10 @@ Options (environment variable in brackets; flags win over the environment):
   --service-url URL        receiver base URL [SERVICE_URL; default: looked up]
   --topic NAME             jobs topic [PUBSUB_TOPIC; consensus-engine-jobs]
   --subscription NAME      push subscription [PUBSUB_SUBSCRIPTION; consensus-engine-jobs-sub]
+  --high-topic NAME        topic of priority=high jobs (= the service's
+                           PUBSUB_HIGH_PRIORITY_TOPIC) [PUBSUB_HIGH_PRIORITY_TOPIC; <topic>-high]
+  --high-subscription NAME push subscription on the high-priority topic
+                           [PUBSUB_HIGH_PRIORITY_SUBSCRIPTION; <high-topic>-sub]
   --dlq-topic NAME         dead-letter topic [PUBSUB_DLQ_TOPIC; consensus-engine-jobs-dlq]
   --dlq-subscription NAME  pull subscription on the dead-letter topic
                            [PUBSUB_DLQ_SUBSCRIPTION; consensus-engine-jobs-dlq-sub]
@@ -79,6 +84,8 @@ SERVICE_NAME="${SERVICE_NAME:-consensus-engine}"
 SERVICE_URL="${SERVICE_URL:-}"
 PUBSUB_TOPIC="${PUBSUB_TOPIC:-consensus-engine-jobs}"
 PUBSUB_SUBSCRIPTION="${PUBSUB_SUBSCRIPTION:-consensus-engine-jobs-sub}"
+PUBSUB_HIGH_PRIORITY_TOPIC="${PUBSUB_HIGH_PRIORITY_TOPIC:-}"
+PUBSUB_HIGH_PRIORITY_SUBSCRIPTION="${PUBSUB_HIGH_PRIORITY_SUBSCRIPTION:-}"
 PUBSUB_DLQ_TOPIC="${PUBSUB_DLQ_TOPIC:-consensus-engine-jobs-dlq}"
 PUBSUB_DLQ_SUBSCRIPTION="${PUBSUB_DLQ_SUBSCRIPTION:-consensus-engine-jobs-dlq-sub}"
 PUBSUB_DLQ_PUSH_SUBSCRIPTION="${PUBSUB_DLQ_PUSH_SUBSCRIPTION:-consensus-engine-jobs-dlq-push}"
@@ -120,6 +127,8 @@ while [[ $# -gt 0 ]]; do
         --service-url) need_value "$@"; SERVICE_URL="$2"; shift 2 ;;
         --topic) need_value "$@"; PUBSUB_TOPIC="$2"; shift 2 ;;
         --subscription) need_value "$@"; PUBSUB_SUBSCRIPTION="$2"; shift 2 ;;
+        --high-topic) need_value "$@"; PUBSUB_HIGH_PRIORITY_TOPIC="$2"; shift 2 ;;
+        --high-subscription) need_value "$@"; PUBSUB_HIGH_PRIORITY_SUBSCRIPTION="$2"; shift 2 ;;
         --dlq-topic) need_value "$@"; PUBSUB_DLQ_TOPIC="$2"; shift 2 ;;
         --dlq-subscription) need_value "$@"; PUBSUB_DLQ_SUBSCRIPTION="$2"; shift 2 ;;
         --dlq-push-subscription) need_value "$@"; PUBSUB_DLQ_PUSH_SUBSCRIPTION="$2"; shift 2 ;;
@@ -150,6 +159,14 @@ esac
 if ! [[ "$ACK_DEADLINE" =~ ^[0-9]+$ ]] || ((ACK_DEADLINE < 10 || ACK_DEADLINE > 600)); then
     die "--ack-deadline must be 10..600 seconds"
 fi
+# The service's default for PUBSUB_HIGH_PRIORITY_TOPIC (app/settings.py), so the manifest
+# need not set it.
+PUBSUB_HIGH_PRIORITY_TOPIC="${PUBSUB_HIGH_PRIORITY_TOPIC:-${PUBSUB_TOPIC}-high}"
+PUBSUB_HIGH_PRIORITY_SUBSCRIPTION="${PUBSUB_HIGH_PRIORITY_SUBSCRIPTION:-${PUBSUB_HIGH_PRIORITY_TOPIC}-sub}"
+[[ "$PUBSUB_HIGH_PRIORITY_TOPIC" != "$PUBSUB_TOPIC" ]] ||
+    die "--high-topic must differ from --topic"
+[[ "$PUBSUB_HIGH_PRIORITY_SUBSCRIPTION" != "$PUBSUB_SUBSCRIPTION" ]] ||
+    die "--high-subscription must differ from --subscription"
 if ! [[ "$MAX_DELIVERY_ATTEMPTS" =~ ^[0-9]+$ ]] ||
     ((MAX_DELIVERY_ATTEMPTS < 5 || MAX_DELIVERY_ATTEMPTS > 100)); then
     die "--max-delivery-attempts must be 5..100 (Pub/Sub's range)"
@@ -262,17 +279,20 @@ if [[ -z "$(gcloud secrets versions list "$OPENAI_SECRET" --filter=state:ENABLED
     echo "      printf '%s' \"\$OPENAI_API_KEY\" | gcloud secrets versions add $OPENAI_SECRET --data-file=- --project=$PROJECT_ID"
 fi
 
-step "topics $PUBSUB_TOPIC and $PUBSUB_DLQ_TOPIC"
-for topic in "$PUBSUB_TOPIC" "$PUBSUB_DLQ_TOPIC"; do
+step "topics $PUBSUB_TOPIC, $PUBSUB_HIGH_PRIORITY_TOPIC and $PUBSUB_DLQ_TOPIC"
+for topic in "$PUBSUB_TOPIC" "$PUBSUB_HIGH_PRIORITY_TOPIC" "$PUBSUB_DLQ_TOPIC"; do
     if exists gcloud pubsub topics describe "$topic"; then
         echo "    $topic exists"
     else
         run gcloud pubsub topics create "$topic" "${P[@]}"
     fi
 done
-# /v1/full-review publishes jobs as the receiver.
-run_retry gcloud pubsub topics add-iam-policy-binding "$PUBSUB_TOPIC" \
-    --member="serviceAccount:$RECEIVER_SA" --role=roles/pubsub.publisher "${P[@]}" >/dev/null
+# /v1/full-review and the sweep publish jobs as the receiver, priority=high ones to the
+# high-priority topic.
+for topic in "$PUBSUB_TOPIC" "$PUBSUB_HIGH_PRIORITY_TOPIC"; do
+    run_retry gcloud pubsub topics add-iam-policy-binding "$topic" \
+        --member="serviceAccount:$RECEIVER_SA" --role=roles/pubsub.publisher "${P[@]}" >/dev/null
+done
 run_retry gcloud pubsub topics add-iam-policy-binding "$PUBSUB_DLQ_TOPIC" \
     --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.publisher "${P[@]}" >/dev/null
 
@@ -332,8 +352,11 @@ PUSH_ENDPOINT="${SERVICE_URL%/}/pubsub/push"
 DEAD_LETTER_ENDPOINT="${SERVICE_URL%/}/pubsub/dead-letter"
 SWEEP_ENDPOINT="${SERVICE_URL%/}/tasks/sweep"
 
-step "push subscription $PUBSUB_SUBSCRIPTION"
+step "push subscriptions $PUBSUB_SUBSCRIPTION and $PUBSUB_HIGH_PRIORITY_SUBSCRIPTION"
 echo "    endpoint $PUSH_ENDPOINT, audience $PUSH_AUDIENCE"
+# Both job topics push to the same endpoint with the same settings. The high-priority one
+# has its own backlog and its own push rate (Pub/Sub slows a subscription down after 503s),
+# so priority=high jobs never wait behind the normal backlog.
 SUBSCRIPTION_FLAGS=(
     --push-endpoint="$PUSH_ENDPOINT"
     --push-auth-service-account="$PUSH_SA"
@@ -346,16 +369,22 @@ SUBSCRIPTION_FLAGS=(
     --message-retention-duration=7d
     --expiration-period=never
 )
-if exists gcloud pubsub subscriptions describe "$PUBSUB_SUBSCRIPTION"; then
-    run gcloud pubsub subscriptions update "$PUBSUB_SUBSCRIPTION" "${SUBSCRIPTION_FLAGS[@]}" \
-        "${P[@]}"
-else
-    run gcloud pubsub subscriptions create "$PUBSUB_SUBSCRIPTION" --topic="$PUBSUB_TOPIC" \
-        "${SUBSCRIPTION_FLAGS[@]}" "${P[@]}"
-fi
-# The service agent acknowledges the messages it forwards to the dead-letter topic.
-run_retry gcloud pubsub subscriptions add-iam-policy-binding "$PUBSUB_SUBSCRIPTION" \
-    --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.subscriber "${P[@]}" >/dev/null
+ensure_push_subscription() {
+    local subscription="$1" topic="$2"
+    if exists gcloud pubsub subscriptions describe "$subscription"; then
+        run gcloud pubsub subscriptions update "$subscription" "${SUBSCRIPTION_FLAGS[@]}" \
+            "${P[@]}"
+    else
+        run gcloud pubsub subscriptions create "$subscription" --topic="$topic" \
+            "${SUBSCRIPTION_FLAGS[@]}" "${P[@]}"
+    fi
+    # The service agent acknowledges the messages it forwards to the dead-letter topic.
+    run_retry gcloud pubsub subscriptions add-iam-policy-binding "$subscription" \
+        --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.subscriber "${P[@]}" \
+        >/dev/null
+}
+ensure_push_subscription "$PUBSUB_SUBSCRIPTION" "$PUBSUB_TOPIC"
+ensure_push_subscription "$PUBSUB_HIGH_PRIORITY_SUBSCRIPTION" "$PUBSUB_HIGH_PRIORITY_TOPIC"
 
 step "dead-letter push subscription $PUBSUB_DLQ_PUSH_SUBSCRIPTION"
 echo "    endpoint $DEAD_LETTER_ENDPOINT, audience $PUSH_AUDIENCE"
@@ -422,6 +451,8 @@ fi
 step "done"
 echo "    jobs:         projects/$PROJECT_ID/topics/$PUBSUB_TOPIC"
 echo "    push:         $PUBSUB_SUBSCRIPTION -> $PUSH_ENDPOINT"
+echo "    high:         projects/$PROJECT_ID/topics/$PUBSUB_HIGH_PRIORITY_TOPIC"
+echo "                  $PUBSUB_HIGH_PRIORITY_SUBSCRIPTION -> $PUSH_ENDPOINT"
 echo "    dead letters: $PUBSUB_DLQ_PUSH_SUBSCRIPTION -> $DEAD_LETTER_ENDPOINT"
 echo "                  $PUBSUB_DLQ_SUBSCRIPTION keeps them (gcloud pubsub subscriptions pull $PUBSUB_DLQ_SUBSCRIPTION --project=$PROJECT_ID)"
 echo "    sweep:        $SCHEDULER_JOB ($SWEEP_SCHEDULE) -> POST $SWEEP_ENDPOINT"

@@ -410,6 +410,70 @@ def test_setup_creates_the_push_subscription_the_manifest_expects(
     assert not gcloud.find("run", "services", "add-iam-policy-binding")
 
 
+def _high_priority_topic(rendered: dict[str, str]) -> str:
+    """The topic the deployed service publishes priority=high jobs to."""
+    settings = Settings(
+        _env_file=None,
+        pubsub_topic=rendered["PUBSUB_TOPIC"],
+        pubsub_high_priority_topic=rendered.get("PUBSUB_HIGH_PRIORITY_TOPIC"),
+    )
+    return settings.effective_pubsub_high_priority_topic
+
+
+def test_setup_gives_high_priority_jobs_their_own_push_subscription(
+    gcloud: FakeGcloud, tmp_path: Path
+) -> None:
+    url = "https://consensus-engine-abc-ew.a.run.app"
+    result = gcloud.run("setup_gcp.sh", "--project", PROJECT, FAKE_SERVICE_URL=url)
+    assert result.returncode == 0, result.stderr + result.stdout
+    high_topic = _high_priority_topic(_env_values(_load(_render(tmp_path))))
+    assert high_topic == "consensus-engine-jobs-high"
+
+    assert gcloud.find("pubsub", "topics", "create", high_topic)
+    (normal,) = gcloud.find("pubsub", "subscriptions", "create", "consensus-engine-jobs-sub")
+    (high,) = gcloud.find("pubsub", "subscriptions", "create", "consensus-engine-jobs-high-sub")
+    assert _flag(high, "topic") == high_topic
+    # The same receiver, identity, audience, ack deadline, retry and dead-letter policy.
+    assert _flag(high, "push-endpoint") == f"{url}/pubsub/push"
+    flags = {arg for arg in normal[4:] if not arg.startswith("--topic=")}
+    assert {arg for arg in high[4:] if not arg.startswith("--topic=")} == flags
+    assert {
+        "--dead-letter-topic=consensus-engine-jobs-dlq",
+        "--max-delivery-attempts=5",
+        "--ack-deadline=600",
+    } <= flags
+
+    agent = "serviceAccount:service-123456789@gcp-sa-pubsub.iam.gserviceaccount.com"
+    receiver = f"serviceAccount:consensus-receiver@{PROJECT}.iam.gserviceaccount.com"
+    bindings = {
+        (call[call.index("add-iam-policy-binding") + 1], _flag(call, "member"), _flag(call, "role"))
+        for call in gcloud.calls()
+        if "add-iam-policy-binding" in call
+    }
+    assert (high_topic, receiver, "roles/pubsub.publisher") in bindings
+    assert ("consensus-engine-jobs-high-sub", agent, "roles/pubsub.subscriber") in bindings
+
+
+def test_setup_names_the_high_priority_topic_and_subscription_on_request(
+    gcloud: FakeGcloud,
+) -> None:
+    args = ["--project", PROJECT, "--topic", "jobs", "--subscription", "jobs-push"]
+    result = gcloud.run("setup_gcp.sh", *args, FAKE_SERVICE_URL="https://x")
+    assert result.returncode == 0, result.stderr + result.stdout
+    (derived,) = gcloud.find("pubsub", "subscriptions", "create", "jobs-high-sub")
+    assert _flag(derived, "topic") == "jobs-high"
+
+    chosen = [*args, "--high-topic", "urgent", "--high-subscription", "urgent-push"]
+    result = gcloud.run("setup_gcp.sh", *chosen, FAKE_SERVICE_URL="https://x")
+    assert result.returncode == 0, result.stderr + result.stdout
+    (create,) = gcloud.find("pubsub", "subscriptions", "create", "urgent-push")
+    assert _flag(create, "topic") == "urgent"
+
+    same = gcloud.run("setup_gcp.sh", *args, "--high-topic", "jobs")
+    assert same.returncode != 0 and "--high-topic" in same.stderr
+    assert gcloud.calls() == []
+
+
 def _seconds(duration: str) -> int:
     match = re.fullmatch(r"(\d+)s", duration)
     assert match, f"{duration!r} is not a duration in seconds"
@@ -479,6 +543,8 @@ def test_setup_updates_what_exists(gcloud: FakeGcloud) -> None:
     assert [call[:3] for call in creates] == [["sql", "users", "create"]], creates
     (update,) = gcloud.find("pubsub", "subscriptions", "update", "consensus-engine-jobs-sub")
     assert _flag(update, "push-endpoint") == "https://x/pubsub/push"
+    (high,) = gcloud.find("pubsub", "subscriptions", "update", "consensus-engine-jobs-high-sub")
+    assert _flag(high, "push-endpoint") == "https://x/pubsub/push"
     (dlq,) = gcloud.find("pubsub", "subscriptions", "update", "consensus-engine-jobs-dlq-push")
     assert _flag(dlq, "push-endpoint") == "https://x/pubsub/dead-letter"
     assert "--clear-dead-letter-policy" in dlq
@@ -507,6 +573,7 @@ def test_setup_without_a_deployed_service_stops_before_the_push_subscription(
     assert result.returncode == 0, result.stderr + result.stdout
     assert "deploy.sh" in result.stdout
     assert not gcloud.find("pubsub", "subscriptions", "create", "consensus-engine-jobs-sub")
+    assert not gcloud.find("pubsub", "subscriptions", "create", "consensus-engine-jobs-high-sub")
     assert not gcloud.find("pubsub", "subscriptions", "create", "consensus-engine-jobs-dlq-push")
     assert not gcloud.find("scheduler", "jobs", "create")
 
