@@ -21,6 +21,7 @@ from app.domain.models import Priority
 from app.publish import IN_PROCESS_SUBSCRIPTION, InProcessPublisher, QueuedJob
 from app.push.policy import Outcome
 from app.settings import Settings
+from app.store.recovery import RecoveryStore, RunJob
 from app.store.runs import RunStore
 from app.store.tables import Run
 from tests.conftest import StartApp, running_app, services_of
@@ -322,6 +323,36 @@ async def submit_unpublished(store: RunStore, engine: AsyncEngine, priority: Pri
             .values(priority=priority, created_at=run.created_at - timedelta(minutes=1))
         )
     return run.id
+
+
+async def test_the_recovery_queries_give_each_run_its_type_and_priority(
+    store: RunStore, engine: AsyncEngine
+) -> None:
+    """The sweep, the dead-letter receiver and the start-up pick-up republish by these."""
+    recovery = RecoveryStore(engine)
+    unpublished = await submit_unpublished(store, engine, "high")
+    stale = await store.create_run("A stale idea for a tool library.", None)
+    async with engine.begin() as connection:
+        await connection.execute(
+            update(Run)
+            .where(Run.id == stale.id)
+            .values(
+                priority="high",
+                published_at=stale.created_at,
+                updated_at=stale.updated_at - timedelta(hours=1),
+            )
+        )
+    plain = (await store.create_run("A plain idea for a tool library.", None)).id
+
+    assert await recovery.unpublished_runs(30, 10) == [RunJob(unpublished, "initial", "high")]
+    assert await recovery.take_stale(60, 10) == [RunJob(stale.id, "initial", "high")]
+    assert set(await recovery.unfinished_runs(10)) == {
+        RunJob(unpublished, "initial", "high"),
+        RunJob(stale.id, "initial", "high"),
+        RunJob(plain, "initial", "normal"),
+    }
+    state = await recovery.run_state(stale.id)
+    assert state is not None and state.job == RunJob(stale.id, "initial", "high")
 
 
 def subscription(name: str) -> str:
