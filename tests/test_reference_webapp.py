@@ -30,8 +30,9 @@ from tests.procs import ROOT, AppProcess, free_port
 from tests.webapp import CHROMIUM_ARGS, BrowserLog, WebApp, chromium, npm
 
 ARTIFACTS = ROOT / ".artifacts" / "webapp"
-# Measured on this 2-core machine: cold `npm ci` + build 18 s, a rebuild for a new API URL 9 s,
-# a cached build 0 s. The bound leaves room for a slow registry on a fresh CI machine.
+# Measured on this 2-core machine: cold `npm ci` + build 18-29 s (idle to loaded), a rebuild for
+# a new API URL (each run: the app's port is free-picked) 9-15 s, a cached build 0 s. The bound
+# leaves room for a slow registry on a fresh CI machine.
 BUILD_TIMEOUT = 600.0
 # One stage of the walk: the web app polls every 2 s and a run takes about 5 s here.
 STAGE_TIMEOUT_MS = 60_000
