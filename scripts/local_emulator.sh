@@ -26,6 +26,8 @@ Options (environment variable in brackets; flags win over the environment):
   --project ID          project id the emulator accepts [PUBSUB_PROJECT_ID; local-project]
   --topic NAME          jobs topic [PUBSUB_TOPIC; consensus-engine-jobs]
   --subscription NAME   push subscription [PUBSUB_SUBSCRIPTION; consensus-engine-jobs-sub]
+  --high-topic NAME     high-priority topic, pushed through NAME-sub
+                        [PUBSUB_HIGH_PRIORITY_TOPIC; the jobs topic + -high]
   --push-endpoint URL   where the emulator pushes
                         [PUSH_ENDPOINT; http://127.0.0.1:8000/pubsub/push]
   --ack-deadline SECS   [ACK_DEADLINE; 600] (= WORKER_ACK_DEADLINE_SECONDS)
@@ -43,6 +45,7 @@ EMULATOR_PORT="${EMULATOR_PORT:-8085}"
 PUBSUB_PROJECT_ID="${PUBSUB_PROJECT_ID:-local-project}"
 PUBSUB_TOPIC="${PUBSUB_TOPIC:-consensus-engine-jobs}"
 PUBSUB_SUBSCRIPTION="${PUBSUB_SUBSCRIPTION:-consensus-engine-jobs-sub}"
+PUBSUB_HIGH_PRIORITY_TOPIC="${PUBSUB_HIGH_PRIORITY_TOPIC:-}"
 PUSH_ENDPOINT="${PUSH_ENDPOINT:-http://127.0.0.1:8000/pubsub/push}"
 ACK_DEADLINE="${ACK_DEADLINE:-600}"
 PUBSUB_EMULATOR_BIN="${PUBSUB_EMULATOR_BIN:-}"
@@ -70,6 +73,7 @@ while [[ $# -gt 0 ]]; do
         --project) need_value "$@"; PUBSUB_PROJECT_ID="$2"; shift 2 ;;
         --topic) need_value "$@"; PUBSUB_TOPIC="$2"; shift 2 ;;
         --subscription) need_value "$@"; PUBSUB_SUBSCRIPTION="$2"; shift 2 ;;
+        --high-topic) need_value "$@"; PUBSUB_HIGH_PRIORITY_TOPIC="$2"; shift 2 ;;
         --push-endpoint) need_value "$@"; PUSH_ENDPOINT="$2"; shift 2 ;;
         --ack-deadline) need_value "$@"; ACK_DEADLINE="$2"; shift 2 ;;
         --emulator) need_value "$@"; PUBSUB_EMULATOR_BIN="$2"; shift 2 ;;
@@ -81,6 +85,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ "$EMULATOR_PORT" =~ ^[0-9]+$ ]] || die "--port must be a number"
+PUBSUB_HIGH_PRIORITY_TOPIC="${PUBSUB_HIGH_PRIORITY_TOPIC:-$PUBSUB_TOPIC-high}"
+[[ "$PUBSUB_HIGH_PRIORITY_TOPIC" != "$PUBSUB_TOPIC" ]] || die "--high-topic must differ from --topic"
 [[ "$ACK_DEADLINE" =~ ^[0-9]+$ ]] || die "--ack-deadline must be a number of seconds"
 
 # Keyed by port, so several emulators (e.g. parallel test runs) do not collide.
@@ -204,24 +210,33 @@ send_json() {
 }
 
 mkdir -p "$STATE_DIR"
-TOPIC_PATH="projects/$PUBSUB_PROJECT_ID/topics/$PUBSUB_TOPIC"
-log "topic $TOPIC_PATH: $(put_resource "$API/topics/$PUBSUB_TOPIC" '{}')"
-SUBSCRIPTION_BODY="$(printf '{"topic": "%s", "ackDeadlineSeconds": %d, "pushConfig": {"pushEndpoint": "%s"}}' \
-    "$TOPIC_PATH" "$ACK_DEADLINE" "$PUSH_ENDPOINT")"
-result="$(put_resource "$API/subscriptions/$PUBSUB_SUBSCRIPTION" "$SUBSCRIPTION_BODY")"
-if [[ "$result" == exists ]]; then
-    # Bring an existing subscription to this endpoint and deadline.
-    send_json POST "$API/subscriptions/$PUBSUB_SUBSCRIPTION:modifyPushConfig" \
-        "$(printf '{"pushConfig": {"pushEndpoint": "%s"}}' "$PUSH_ENDPOINT")"
-    send_json PATCH "$API/subscriptions/$PUBSUB_SUBSCRIPTION" \
-        "$(printf '{"subscription": {"ackDeadlineSeconds": %d}, "updateMask": "ackDeadlineSeconds"}' "$ACK_DEADLINE")"
-    result=updated
-fi
-log "push subscription $PUBSUB_SUBSCRIPTION -> $PUSH_ENDPOINT: $result"
+
+# One topic and push subscription to the local app; called for the jobs and high-priority pair.
+configure_pair() {
+    local topic="$1" subscription="$2" topic_path body result
+    topic_path="projects/$PUBSUB_PROJECT_ID/topics/$topic"
+    log "topic $topic_path: $(put_resource "$API/topics/$topic" '{}')"
+    body="$(printf '{"topic": "%s", "ackDeadlineSeconds": %d, "pushConfig": {"pushEndpoint": "%s"}}' \
+        "$topic_path" "$ACK_DEADLINE" "$PUSH_ENDPOINT")"
+    result="$(put_resource "$API/subscriptions/$subscription" "$body")"
+    if [[ "$result" == exists ]]; then
+        # Bring an existing subscription to this endpoint and deadline.
+        send_json POST "$API/subscriptions/$subscription:modifyPushConfig" \
+            "$(printf '{"pushConfig": {"pushEndpoint": "%s"}}' "$PUSH_ENDPOINT")"
+        send_json PATCH "$API/subscriptions/$subscription" \
+            "$(printf '{"subscription": {"ackDeadlineSeconds": %d}, "updateMask": "ackDeadlineSeconds"}' "$ACK_DEADLINE")"
+        result=updated
+    fi
+    log "push subscription $subscription -> $PUSH_ENDPOINT: $result"
+}
+
+configure_pair "$PUBSUB_TOPIC" "$PUBSUB_SUBSCRIPTION"
+configure_pair "$PUBSUB_HIGH_PRIORITY_TOPIC" "$PUBSUB_HIGH_PRIORITY_TOPIC-sub"
 
 EXPORTS="export PUBSUB_EMULATOR_HOST=${EMULATOR_HOST}:${EMULATOR_PORT}
 export PUBSUB_PROJECT_ID=${PUBSUB_PROJECT_ID}
-export PUBSUB_TOPIC=${PUBSUB_TOPIC}"
+export PUBSUB_TOPIC=${PUBSUB_TOPIC}
+export PUBSUB_HIGH_PRIORITY_TOPIC=${PUBSUB_HIGH_PRIORITY_TOPIC}"
 if ((PRINT_ENV)); then
     echo "$EXPORTS"
 else

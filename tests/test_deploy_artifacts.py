@@ -885,6 +885,22 @@ def test_local_emulator_script_pushes_to_the_local_app(
         assert received, "the emulator pushed nothing"
         assert received[0]["message"]["data"] == data
         assert received[0]["subscription"].endswith("/subscriptions/consensus-engine-jobs-sub")
+        assert "export PUBSUB_HIGH_PRIORITY_TOPIC=consensus-engine-jobs-high" in started.stdout
+        high = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/projects/local-project/topics/"
+            "consensus-engine-jobs-high:publish",
+            data=json.dumps({"messages": [{"data": data}]}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(high, timeout=10) as response:
+            assert response.status == 200
+        deadline = time.monotonic() + 20
+        while len(received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert received[-1]["subscription"].endswith(
+            "/subscriptions/consensus-engine-jobs-high-sub"
+        )
     finally:
         subprocess.run([*script, "--stop"], env=env, timeout=60, check=False, capture_output=True)
     assert not Path(f"/proc/{pid}").exists(), "--stop left the emulator running"
