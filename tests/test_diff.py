@@ -330,10 +330,12 @@ async def test_two_completed_runs_compared(app_client: AppClient, llm: FakeOpenA
             text("UPDATE runs SET parent_run_id = :parent WHERE id = :child"),
             {"parent": first, "child": second},
         )
+    # Either way round, a parent and its revision read parent (old) -> revision (new).
     back = documented(app, await client.get(f"/v1/runs/{second}/diff/{first}"))
-    assert back["metadata"]["relationship"] == "run2_is_parent_of_run1"
-    assert back["metadata"]["parent_child_relationship"] == "run2_is_parent_of_run1"
-    assert back["decision_delta"]["confidence_delta"] == -decision["confidence_delta"]
+    assert back["metadata"]["run1_id"] == first and back["metadata"]["run2_id"] == second
+    assert back["metadata"]["relationship"] == "run1_is_parent_of_run2"
+    assert back["metadata"]["parent_child_relationship"] == "run1_is_parent_of_run2"
+    assert back["decision_delta"]["confidence_delta"] == decision["confidence_delta"]
 
 
 async def test_unfinished_and_failed_runs_are_compared_with_nulls(

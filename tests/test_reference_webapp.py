@@ -298,14 +298,12 @@ async def _walk(walk: Walk, web: WebApp, llm: FakeOpenAI) -> None:
             has=page.get_by_role("heading", name="proposed solution")
         )
         await expect(solution).to_contain_text("Status: modified")
-        # The web app asks for diff(revision, parent), and the reference's diff reads its first
-        # run as the old one: the person sees their addition as a "-" line and the decision as
-        # approve -> revise. Our API keeps the reference's reading; the line is there either way.
-        await expect(solution.locator("pre")).to_contain_text(
-            re.compile(rf"[-+]{re.escape(ADDED)}")
-        )
+        # The web app asks for diff(revision, parent); a parent and its revision always read
+        # parent -> revision, so the person's addition is a "+" line and the decision moves
+        # from the parent's to the revision's.
+        await expect(solution.locator("pre")).to_contain_text(f"+{ADDED}")
         decisions = view.last.locator("span.capitalize")
-        await expect(decisions).to_have_text(["approve", "revise"], ignore_case=True)
+        await expect(decisions).to_have_text(["revise", "approve"], ignore_case=True)
         await view.last.scroll_into_view_if_needed()
         await walk.shot("08-diff")
         await walk.shot("09-diff-detail", view.last)

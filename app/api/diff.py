@@ -32,6 +32,8 @@ router = APIRouter(
         "Run `run_id` (old, run1) against `other_run_id` (new, run2): each proposal field with "
         "its before/after values and a unified diff, each persona's confidence and blocking "
         "issues, and the decision. Any two runs, finished or not: what a run lacks is null. "
+        "A parent and its revision are always compared parent (old) to revision (new), in "
+        "whichever order the path names them. "
         "Computed from stored results; no model is called. 400 when both ids name the same "
         "run, 404 naming the id that matches no run."
     ),
@@ -47,6 +49,9 @@ async def get_run_diff(
         raise _same_run()
     run1 = await _load(services, "run_id", first)
     run2 = await _load(services, "other_run_id", second)
+    if run1.parent_run_id == run2.id:
+        # A revision against its parent (as the reference web app asks) reads parent -> child.
+        run1, run2 = run2, run1
     return diff_runs(_side(run1), _side(run2))
 
 

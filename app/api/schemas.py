@@ -129,7 +129,10 @@ class StepProgressOut(BaseModel):
     attempts: int
     usage: Usage
     reused_from_run_id: str | None = Field(
-        description="status `reused`: the run whose review this step took over, at no cost"
+        description=(
+            "set on a revision's review taken over from its parent without a call (status "
+            "`completed`, no attempts, no tokens): the run whose call made it"
+        )
     )
 
 

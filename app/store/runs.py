@@ -59,8 +59,6 @@ class StepStatus(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
-    # A revision's review taken over from its parent, without a call.
-    REUSED = "reused"
 
 
 class ClaimOutcome(StrEnum):
@@ -390,7 +388,11 @@ class RunStore(Repository):
     async def step_reused(
         self, run_id: str, owner: str, step: str, review: PersonaReview, origin_run_id: str
     ) -> None:
-        """Take over the parent's review for `step`, marked as reused and where it came from."""
+        """Take over the parent's review for `step`: completed without a call, and
+        `reused_from_run_id` names the run that made it.
+
+        The status stays one the reference's clients know (they show any other as pending).
+        """
         now = utcnow()
         params = _step_params(run_id, owner, step, now=now, origin=origin_run_id)
         async with self._transaction() as session:
@@ -649,7 +651,7 @@ _STEP_REUSED = (
     update(StepProgress)
     .where(*_THIS_STEP, _LEASE_HELD)
     .values(
-        status=StepStatus.REUSED,
+        status=StepStatus.COMPLETED,
         started_at=_NOW,
         completed_at=_NOW,
         error_message=None,
