@@ -88,6 +88,9 @@ class Settings(BaseSettings):
             "default: PUBSUB_TOPIC + '-high'"
         ),
     )
+    # The pull subscription that keeps dead letters (scripts/setup_gcp.sh --dlq-subscription),
+    # read by `python -m app.ops dead-letters`; the service itself never reads it.
+    pubsub_dlq_subscription: str = "consensus-engine-jobs-dlq-sub"
 
     # Recovery: the sweep republishes, re-enqueues and times out runs nobody is working on
     sweep_interval_seconds: float = Field(60.0, gt=0.0, le=3600.0)
