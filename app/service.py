@@ -353,8 +353,10 @@ class Runner:
         return Outcome.FAILED
 
     def _remember_finished(self, run_id: str, status: str) -> None:
-        """Finished is final: a completed or failed run never runs again."""
-        self._finished[run_id] = status
+        """Remember a completed run, which never runs again, so its duplicates cost no database
+        call. A failed run is not remembered: an operator's replay may queue it again."""
+        if status == RunStatus.COMPLETED:
+            self._finished[run_id] = status
 
 
 async def _wrap_up(call: Coroutine[object, object, R]) -> R:
