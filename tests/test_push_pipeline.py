@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from app.domain.personas import STEP_NAMES
 from app.push.envelope import encode_wrapped
 from app.settings import Settings
+from app.store.recovery import DeadLetterRef, RecoveryStore, ReplayOutcome
 from app.store.tables import QuarantinedMessage
 from tests.conftest import running_app, services_of
 from tests.fakes.openai_server import USAGE, FakeOpenAI, Reply
@@ -349,3 +350,27 @@ async def test_every_step_row_exists_before_the_run_starts(app_client: AppClient
     run = await store.get_run(run_id)
     assert run is not None
     assert [(s.step_name, s.status) for s in run.steps] == [(n, "pending") for n in STEP_NAMES]
+
+
+async def test_a_replayed_run_runs_on_an_instance_that_saw_it_fail(
+    app_client: AppClient, llm: FakeOpenAI
+) -> None:
+    app, client = app_client
+    store = services_of(app).store
+    run_id = await new_run(app)
+    claim = await store.claim(run_id, "elsewhere/1", 60, None)
+    assert claim.outcome.value == "claimed"
+    assert await store.fail(run_id, "elsewhere/1", "job timeout of 1800s exceeded")
+    # This instance sees the failed run once (a duplicate delivery) ...
+    assert (await push(client, {"run_id": run_id})).status_code == 204
+    # ... then an operator replays it (python -m app.ops dead-letters --replay).
+    replay = await RecoveryStore(services_of(app).engine).replay(
+        run_id, [DeadLetterRef("dead-1", SUBSCRIPTION, 5)]
+    )
+    assert replay.outcome is ReplayOutcome.REPLAYED
+
+    assert (await push(client, {"run_id": run_id})).status_code == 204
+
+    run = await run_json(client, run_id)
+    assert run["status"] == "completed"
+    assert len(llm.calls()) == len(STEP_NAMES) - 1
