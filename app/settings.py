@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from functools import lru_cache
@@ -17,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.domain.pricing import DEFAULT_PRICES, ModelPrice
 
 GOOGLE_V1_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 # The `aud` of `gcloud auth print-identity-token` for a user account (gcloud's OAuth client).
@@ -55,6 +58,16 @@ class Settings(BaseSettings):
     retry_initial_backoff_seconds: float = Field(1.0, ge=0.0, le=600.0)
     retry_backoff_multiplier: float = Field(2.0, ge=1.0, le=10.0)
     retry_max_backoff_seconds: float = Field(60.0, gt=0.0, le=3600.0)
+
+    # Cost: US dollars per million tokens by model, merged over the defaults
+    # (app/domain/pricing.py), e.g. LLM_PRICES='{"my-model": {"input_per_1m_usd": 0.5,
+    # "output_per_1m_usd": 1.5}}'; a model without a price costs "unknown" (null).
+    llm_prices: Annotated[dict[str, ModelPrice], NoDecode] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES)
+    )
+    # Spend per UTC day, summed in the database over every instance: once reached, runs not yet
+    # started are deferred to the next day; runs in flight finish. Unset: no budget.
+    daily_budget_usd: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
     # Database
     database_url: str | None = None
@@ -153,6 +166,25 @@ class Settings(BaseSettings):
                 "starting with a letter, not with goog)"
             )
         return value
+
+    @field_validator("llm_prices", mode="before")
+    @classmethod
+    def _decode_prices(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except ValueError as exc:
+                example = '{"model": {"input_per_1m_usd": 1.25, "output_per_1m_usd": 10}}'
+                raise ValueError(f"must be JSON like {example} ({exc})") from None
+        return value
+
+    @field_validator("llm_prices")
+    @classmethod
+    def _merge_prices(cls, prices: dict[str, ModelPrice]) -> dict[str, ModelPrice]:
+        for model in prices:
+            if not model.strip():
+                raise ValueError("a model name must not be empty")
+        return {**DEFAULT_PRICES, **prices}
 
     @field_validator("database_url")
     @classmethod

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from app.domain.pricing import DEFAULT_PRICES, ModelPrice
 from app.settings import Settings, describe_error
 
 
@@ -119,3 +120,35 @@ def test_invalid_value_stops_startup_with_one_line_naming_the_variable() -> None
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "WORKER_STEP_TIMEOUT_SECONDS" in lines[0]
+
+
+def test_llm_prices_extend_and_override_the_defaults() -> None:
+    assert settings().llm_prices == DEFAULT_PRICES
+    s = settings(
+        llm_prices='{"house-model": {"input_per_1m_usd": 0.5, "output_per_1m_usd": 1.5}, '
+        '"gpt-5.1": {"input_per_1m_usd": 2, "output_per_1m_usd": 20}}'
+    )
+    assert s.llm_prices["house-model"] == ModelPrice(input_per_1m_usd=0.5, output_per_1m_usd=1.5)
+    assert s.llm_prices["gpt-5.1"] == ModelPrice(input_per_1m_usd=2, output_per_1m_usd=20)
+    assert s.llm_prices["gpt-5-mini"] == DEFAULT_PRICES["gpt-5-mini"]
+    assert settings().daily_budget_usd is None
+    assert settings(daily_budget_usd="25").daily_budget_usd == 25.0
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"llm_prices": "gpt-5.1=1.25"}, "LLM_PRICES: must be JSON like"),
+        ({"llm_prices": '{"m": {"input_per_1m_usd": -1, "output_per_1m_usd": 1}}'}, "LLM_PRICES"),
+        ({"llm_prices": '{"m": {"input_per_1m_usd": 1}}'}, "OUTPUT_PER_1M_USD"),
+        ({"llm_prices": '{"m": {"input": 1, "output": 1}}'}, "LLM_PRICES"),
+        ({"llm_prices": '{" ": {"input_per_1m_usd": 1, "output_per_1m_usd": 1}}'}, "empty"),
+        ({"daily_budget_usd": "0"}, "DAILY_BUDGET_USD"),
+        ({"daily_budget_usd": "-5"}, "DAILY_BUDGET_USD"),
+        ({"daily_budget_usd": "nan"}, "DAILY_BUDGET_USD"),
+    ],
+)
+def test_invalid_prices_and_budgets_are_refused(values: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        settings(**values)
+    assert needle in describe_error(info.value)
