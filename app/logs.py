@@ -10,11 +10,13 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
+from opentelemetry import trace
 
 if TYPE_CHECKING:
     from loguru import Message, Record
 
-# Set from X-Cloud-Trace-Context for the duration of a request.
+# Set from X-Cloud-Trace-Context for the duration of a request; the current span's trace, when
+# one is recording (TRACING_ENABLED), takes precedence.
 trace_context: ContextVar[str | None] = ContextVar("trace_context", default=None)
 
 _SEVERITY = {
@@ -64,15 +66,27 @@ def cloud_logging_record(record: Record, project_id: str | None) -> dict[str, An
     }
     for key, value in record["extra"].items():
         entry[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
-    trace = trace_context.get()
-    if trace:
-        trace_id = trace.split("/", 1)[0]
-        entry["logging.googleapis.com/trace"] = (
-            f"projects/{project_id}/traces/{trace_id}" if project_id else trace_id
+    span = trace.get_current_span()
+    if span.is_recording():
+        # The span this line was logged in (tracing on): Logs Explorer shows the line in its
+        # trace, under that span.
+        context = span.get_span_context()
+        entry["logging.googleapis.com/trace"] = _trace_name(
+            trace.format_trace_id(context.trace_id), project_id
+        )
+        entry["logging.googleapis.com/spanId"] = trace.format_span_id(context.span_id)
+        entry["logging.googleapis.com/trace_sampled"] = context.trace_flags.sampled
+    elif cloud_trace := trace_context.get():
+        entry["logging.googleapis.com/trace"] = _trace_name(
+            cloud_trace.split("/", 1)[0], project_id
         )
     if record["exception"] is not None:
         entry["exception"] = "".join(traceback.format_exception(*record["exception"]))
     return entry
+
+
+def _trace_name(trace_id: str, project_id: str | None) -> str:
+    return f"projects/{project_id}/traces/{trace_id}" if project_id else trace_id
 
 
 def _json_sink(project_id: str | None) -> Any:

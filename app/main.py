@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -44,14 +44,22 @@ from app.store.db import (
 from app.store.recovery import RecoveryStore
 from app.store.runs import RunStore
 from app.sweep import Sweeper, queued
+from app.tracing import Tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 # How long a cached readiness answer stands on the request path.
 SCHEMA_CHECK_TTL_SECONDS = 5.0
 SHUTDOWN_DB_CLOSE_SECONDS = 2.0
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The service for `settings`; everything with I/O is built in the lifespan."""
+def create_app(settings: Settings, span_exporter: SpanExporter | None = None) -> FastAPI:
+    """The service for `settings`; everything with I/O is built in the lifespan.
+
+    `span_exporter` replaces Cloud Trace as where spans go when TRACING_ENABLED (tests).
+    """
+    tracing = Tracing(settings, span_exporter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,12 +71,13 @@ def create_app(settings: Settings) -> FastAPI:
         engine = build_engine(settings, connector)
         if settings.auto_migrate:
             await upgrade_to_head(engine)
+        tracing.start(engine)
         store = RunStore(engine)
         recovery = RecoveryStore(engine)
-        llm = _build_llm(settings)
+        llm = _build_llm(settings, tracing)
         runner = Runner(
             store,
-            llm,
+            tracing.traced(llm),
             pipeline_config(settings),
             ExecutionLimits(
                 lease_seconds=settings.run_lease_seconds,
@@ -76,6 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
                 job_timeout_seconds=settings.worker_job_timeout_seconds,
                 max_concurrent_runs=settings.worker_max_concurrency,
             ),
+            tracer=tracing.tracer,
             instance_id=f"{socket.gethostname()}:{os.getpid()}",
         )
         receiver = PushReceiver(store, runner)
@@ -86,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
                 settings.pubsub_topic,
                 settings.effective_pubsub_high_priority_topic,
                 settings.pubsub_emulator_host,
+                tracer=tracing.tracer,
             )
         else:
             publisher = InProcessPublisher(
@@ -93,6 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
                 max_attempts=settings.max_delivery_attempts,
                 initial_backoff=max(settings.retry_initial_backoff_seconds, 0.1),
                 max_in_flight=settings.worker_max_concurrency,
+                tracer=tracing.tracer,
             )
         outbox = Outbox(recovery, publisher)
         sweeper = Sweeper(
@@ -148,6 +160,7 @@ def create_app(settings: Settings) -> FastAPI:
                         await connector.close_async()
             except TimeoutError:
                 logger.warning("database connections not closed in time; leaving them")
+            await tracing.shutdown()
             logger.info("service stopped")
 
     app = FastAPI(
@@ -174,6 +187,7 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=["X-Request-ID"],
             max_age=600,
         )
+    tracing.instrument_app(app)
     return app
 
 
@@ -194,7 +208,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
     )
 
 
-def _build_llm(settings: Settings) -> LLM:
+def _build_llm(settings: Settings, tracing: Tracing) -> LLM:
     if settings.effective_llm_provider == "offline":
         return OfflineProvider()
     assert settings.openai_api_key is not None  # Settings guarantees it for openai
@@ -202,6 +216,7 @@ def _build_llm(settings: Settings) -> LLM:
         settings.openai_api_key.get_secret_value(),
         settings.openai_base_url,
         settings.worker_step_timeout_seconds,
+        tracing.sdk_provider,
     )
     return OpenAIProvider(client, settings.llm_max_concurrency)
 

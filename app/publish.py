@@ -14,16 +14,18 @@ import json
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from loguru import logger
+from opentelemetry import trace
 
 from app.domain.models import Priority, RunType
 from app.errors import StoreUnavailable
 from app.push.envelope import encode_wrapped
 from app.push.policy import Outcome, status_for
 from app.store.recovery import RecoveryStore
+from app.tracing import delivering, publishing
 
 # Bounds the API's wait on an unreachable queue; the sweep republishes later anyway.
 PUBLISH_TIMEOUT_SECONDS = 5.0
@@ -63,6 +65,8 @@ class _Message:
     job: QueuedJob
     message_id: str
     attempt: int = 1
+    # The publisher's trace context (app/tracing.py), as Pub/Sub would carry it.
+    attributes: dict[str, str] = field(default_factory=dict)
 
 
 class InProcessPublisher:
@@ -84,8 +88,10 @@ class InProcessPublisher:
         max_in_flight: int,
         max_backoff: float = 60.0,
         max_waiting: int = IN_PROCESS_MAX_WAITING,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._deliver = deliver
+        self._tracer = tracer or trace.NoOpTracer()
         self._max_attempts = max_attempts
         self._initial_backoff = initial_backoff
         self._max_in_flight = max_in_flight
@@ -105,7 +111,10 @@ class InProcessPublisher:
             return  # one waiting message executes the run
         if len(self._waiting) >= self._max_waiting:
             raise RuntimeError(f"{self._max_waiting} jobs already wait for an in-process delivery")
-        self._enqueue(_Message(job, uuid.uuid4().hex))
+        message_id = uuid.uuid4().hex
+        with publishing(self._tracer, "in-process", job.run_id) as (span, attributes):
+            span.set_attribute("messaging.message.id", message_id)
+            self._enqueue(_Message(job, message_id, attributes=attributes))
 
     def _enqueue(self, message: _Message) -> None:
         rank = _RANK[message.job.priority]
@@ -129,10 +138,17 @@ class InProcessPublisher:
     async def _deliver_once(self, message: _Message) -> None:
         run_id, attempt = message.job.run_id, message.attempt
         body = encode_wrapped(
-            message.job.message(), message.message_id, IN_PROCESS_SUBSCRIPTION, attempt
+            message.job.message(),
+            message.message_id,
+            IN_PROCESS_SUBSCRIPTION,
+            attempt,
+            attributes=message.attributes,
         )
         try:
-            status = status_for(await self._deliver(body, {}))
+            # No flush here, unlike a push over HTTP: this queue runs on the embedded default,
+            # never on a Cloud Run instance whose CPU is throttled between requests.
+            with delivering(self._tracer, message.attributes, "deliver in-process"):
+                status = status_for(await self._deliver(body, {}))
         except Exception:
             logger.exception("in-process delivery crashed", run_id=run_id)
             status = 500
@@ -155,9 +171,7 @@ class InProcessPublisher:
             delivery_attempt=attempt,
         )
         # The wait holds no delivery slot: other jobs run meanwhile.
-        retry = asyncio.create_task(
-            self._redeliver(delay, _Message(message.job, message.message_id, attempt + 1))
-        )
+        retry = asyncio.create_task(self._redeliver(delay, replace(message, attempt=attempt + 1)))
         self._backing_off.add(retry)
         retry.add_done_callback(self._backing_off.discard)
 
@@ -187,7 +201,9 @@ class PubSubPublisher:
         topic: str,
         high_priority_topic: str,
         emulator_host: str | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
+        self._tracer = tracer or trace.NoOpTracer()
         if emulator_host and not os.environ.get("PUBSUB_EMULATOR_HOST"):
             # The client library reads the emulator address (and insecure channel) only here.
             os.environ["PUBSUB_EMULATOR_HOST"] = emulator_host
@@ -220,15 +236,21 @@ class PubSubPublisher:
 
     async def _publish(self, topic: str, job: QueuedJob) -> None:
         data = json.dumps(job.message()).encode()
-        # publish() only enqueues into a batch; the returned future resolves on a client thread.
-        future = await asyncio.to_thread(
-            self._client.publish,
-            topic,
-            data,
-            timeout=PUBLISH_TIMEOUT_SECONDS,
-            run_id=job.run_id,
-        )
-        await asyncio.wait_for(asyncio.wrap_future(future), PUBLISH_TIMEOUT_SECONDS)
+        with publishing(self._tracer, topic.rsplit("/", 1)[-1], job.run_id) as (span, attributes):
+            # publish() only enqueues into a batch; the returned future resolves on a client
+            # thread.
+            future = await asyncio.to_thread(
+                self._client.publish,
+                topic,
+                data,
+                timeout=PUBLISH_TIMEOUT_SECONDS,
+                run_id=job.run_id,
+                **attributes,
+            )
+            message_id = await asyncio.wait_for(
+                asyncio.wrap_future(future), PUBLISH_TIMEOUT_SECONDS
+            )
+            span.set_attribute("messaging.message.id", str(message_id))
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._client.stop)

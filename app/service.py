@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from loguru import logger
+from opentelemetry import trace
 from pydantic import BaseModel
 
 from app.bounded import BoundedDict
@@ -37,6 +38,7 @@ from app.push.envelope import (
 )
 from app.push.policy import Outcome
 from app.store.runs import ClaimOutcome, RunStatus, RunStore
+from app.tracing import DeliverySpans
 
 R = TypeVar("R")
 
@@ -72,25 +74,32 @@ WRAP_UP_TIMEOUT_SECONDS = 2.0
 class _StoreProgress:
     """The pipeline's `Progress`, persisted through the store under this delivery's lease."""
 
-    def __init__(self, store: RunStore, run_id: str, owner: str) -> None:
+    def __init__(
+        self, store: RunStore, run_id: str, owner: str, spans: DeliverySpans | None = None
+    ) -> None:
         self._store = store
+        self._spans = spans or DeliverySpans(trace.NoOpTracer(), run_id)
         self._run_id = run_id
         self._owner = owner
         # Storing the decision completes the run and drops its lease.
         self.run_completed = False
 
     async def step_started(self, step: str) -> int:
+        self._spans.step_started(step)
         attempt = await self._store.step_started(self._run_id, self._owner, step)
+        self._spans.attempt(step, attempt)
         logger.info("step started", lifecycle_event="step_started", step=step, attempt=attempt)
         return attempt
 
     async def attempt_failed(self, step: str, error: str, usage: TokenUsage) -> None:
+        self._spans.attempt_failed(step, error)
         await self._store.attempt_failed(self._run_id, self._owner, step, error, usage)
         logger.warning("step attempt failed: {}", error, step=step)
 
     async def step_failed(self, step: str, error: str) -> None:
         await self._store.step_failed(self._run_id, self._owner, step, error)
         logger.error("step failed: {}", error, lifecycle_event="step_failed", step=step)
+        self._spans.step_ended(step, error)
 
     async def step_completed(self, step: str, output: BaseModel, usage: TokenUsage) -> None:
         await self._store.step_completed(self._run_id, self._owner, step, output, usage)
@@ -101,9 +110,12 @@ class _StoreProgress:
             step=step,
             total_tokens=usage.total_tokens,
         )
+        self._spans.step_ended(step)
 
     async def step_reused(self, step: str, review: PersonaReview, origin_run_id: str) -> None:
+        self._spans.step_started(step, reused_from=origin_run_id)
         await self._store.step_reused(self._run_id, self._owner, step, review, origin_run_id)
+        self._spans.step_ended(step)
         logger.info("step reused from run {}", origin_run_id, step=step)
 
 
@@ -117,12 +129,16 @@ class Runner:
         config: PipelineConfig,
         limits: ExecutionLimits,
         instance_id: str,
+        *,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._store = store
         self._llm = llm
         self._config = config
         self._limits = limits
         self._instance_id = instance_id
+        # The delivery's claim and steps as spans (app/tracing.py); a no-op tracer when off.
+        self._tracer = tracer or trace.NoOpTracer()
         self._slots = asyncio.Semaphore(limits.max_concurrent_runs)
         # Deliveries waiting for a slot or running: shutdown cancels them all.
         self._deliveries: set[asyncio.Task[object]] = set()
@@ -190,13 +206,24 @@ class Runner:
         except TimeoutError:
             logger.warning("no run slot free (WORKER_MAX_CONCURRENCY); asking for redelivery")
             return Outcome.OVERLOADED
+        spans = DeliverySpans(self._tracer, run_id)
         try:
-            return await self._execute(run_id, owner, delivery_attempt, loop.time() - arrived)
+            with spans.claim(delivery_attempt) as claim_span:
+                outcome = await self._execute(
+                    run_id, owner, delivery_attempt, loop.time() - arrived, spans
+                )
+                claim_span.set_attribute("outcome", str(outcome or "unknown_run"))
+                return outcome
         finally:
             self._slots.release()
 
     async def _execute(
-        self, run_id: str, owner: str, delivery_attempt: int | None, waited: float
+        self,
+        run_id: str,
+        owner: str,
+        delivery_attempt: int | None,
+        waited: float,
+        spans: DeliverySpans,
     ) -> Outcome | None:
         claim = await self._store.claim(run_id, owner, self._limits.lease_seconds, delivery_attempt)
         if claim.outcome is ClaimOutcome.NOT_FOUND:
@@ -231,7 +258,7 @@ class Runner:
         try:
             async with asyncio.timeout(budget):
                 run, checkpoint = await self._store.load_work(run_id)
-                progress = _StoreProgress(self._store, run_id, owner)
+                progress = _StoreProgress(self._store, run_id, owner, spans)
                 decision = await self._with_lease(
                     run_id,
                     owner,

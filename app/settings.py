@@ -134,6 +134,13 @@ class Settings(BaseSettings):
     # Browser origins allowed to call the API (e.g. the reference web app served elsewhere).
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # Traces (app/tracing.py): OpenTelemetry spans exported to Cloud Trace (project
+    # PUBSUB_PROJECT_ID, else the credentials' project); off by default.
+    tracing_enabled: bool = False
+    # The share of traces kept, decided from the trace id, so the API request, the publish and
+    # every delivery of one job are kept or dropped together, whichever instance serves them.
+    tracing_sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
+
     @field_validator(
         "push_service_accounts",
         "api_audiences",

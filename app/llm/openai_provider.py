@@ -8,7 +8,7 @@ import functools
 import json
 import time
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import openai
 from loguru import logger
@@ -18,6 +18,9 @@ from pydantic import BaseModel, ValidationError
 
 from app.domain.llm import LLMCallError, LLMErrorKind, LLMRequest, LLMResult, T
 from app.domain.models import TokenUsage
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 # Status codes worth repeating: timeouts, conflicts, rate limits and server errors.
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -54,10 +57,30 @@ def _text_format(output_type: type[BaseModel]) -> ResponseFormatTextConfigParam:
     return type_to_text_format_param(output_type)
 
 
-def build_client(api_key: str, base_url: str | None, timeout_seconds: float) -> openai.AsyncOpenAI:
-    """An SDK client with its own retries off: the pipeline's retry policy is the only one."""
+def build_client(
+    api_key: str,
+    base_url: str | None,
+    timeout_seconds: float,
+    tracer_provider: TracerProvider | None = None,
+) -> openai.AsyncOpenAI:
+    """An SDK client with its own retries off: the pipeline's retry policy is the only one.
+
+    With `tracer_provider` (tracing on), every HTTP request it sends is a span, child of the
+    LLM attempt's span, and carries `traceparent`.
+    """
+    http_client = None
+    if tracer_provider is not None:
+        from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor
+
+        # The SDK's own defaults (connection limits, redirects), on a client we can instrument.
+        http_client = openai.DefaultAsyncHttpxClient()
+        HTTPX2ClientInstrumentor.instrument_client(http_client, tracer_provider=tracer_provider)
     return openai.AsyncOpenAI(
-        api_key=api_key, base_url=base_url, timeout=timeout_seconds, max_retries=0
+        api_key=api_key,
+        base_url=base_url,
+        timeout=timeout_seconds,
+        max_retries=0,
+        http_client=http_client,
     )
 
 

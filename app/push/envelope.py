@@ -30,6 +30,10 @@ MAX_SOURCE_KEY_CHARS = 512
 MAX_DELIVERY_ATTEMPT = 2**31 - 1  # a PostgreSQL integer
 MAX_HEADER_CHARS = 4096
 MAX_HEADERS = 100
+# A publisher's trace context rides in the message attributes under this prefix
+# (`googclient_traceparent`, `googclient_tracestate`), as Google's Pub/Sub client libraries put it.
+TRACE_ATTRIBUTE_PREFIX = "googclient_"
+_TRACE_FIELDS = ("traceparent", "tracestate")
 
 
 class MalformedPush(ValueError):
@@ -254,6 +258,31 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def envelope_attributes(body: bytes) -> dict[str, str]:
+    """The message attributes of a wrapped envelope; empty for any other body. Never raises:
+    it is read before the request is authenticated or checked (for its trace context only)."""
+    try:
+        envelope = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    message = envelope.get("message") if isinstance(envelope, dict) else None
+    attributes = message.get("attributes") if isinstance(message, dict) else None
+    if not isinstance(attributes, dict):
+        return {}
+    return {k: v for k, v in attributes.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def trace_carrier(attributes: Mapping[str, str]) -> dict[str, str]:
+    """The W3C trace context fields (`traceparent`, `tracestate`) a publisher put in the
+    attributes, under their own names; bounded, so a hostile value costs nothing to parse."""
+    carrier: dict[str, str] = {}
+    for name in _TRACE_FIELDS:
+        value = attributes.get(TRACE_ATTRIBUTE_PREFIX + name)
+        if value is not None and len(value) <= MAX_HEADER_CHARS:
+            carrier[name] = value
+    return carrier
+
+
 def quarantine_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The request headers to keep with a quarantined message: storable as JSON, no credentials.
 
@@ -280,12 +309,13 @@ def encode_wrapped(
     subscription: str,
     delivery_attempt: int | None = None,
     publish_time: str = "1970-01-01T00:00:00Z",
+    attributes: Mapping[str, str] | None = None,
 ) -> bytes:
     """A wrapped push envelope as Pub/Sub sends it (for in-process delivery and tools)."""
     envelope: dict[str, Any] = {
         "message": {
             "data": base64.b64encode(json.dumps(job).encode()).decode(),
-            "attributes": {},
+            "attributes": dict(attributes or {}),
             "messageId": message_id,
             "publishTime": publish_time,
         },
