@@ -78,3 +78,37 @@ def test_runs_made_before_revisions_become_initial_runs(tmp_path: Path) -> None:
     finally:
         migrated.close()
     assert row == ("initial", None, "1.0.0", "1.0.0")
+
+
+def test_steps_recorded_before_prices_cost_nothing_or_unknown(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/priced.db"
+    command.upgrade(alembic_config(url), "0004")
+    old = sqlite3.connect(tmp_path / "priced.db")
+    with old:
+        old.execute(
+            "INSERT INTO runs (id, run_type, priority, status, input_idea, delivery_count, "
+            "created_at, updated_at, queued_at) VALUES ('r1', 'initial', 'normal', "
+            "'completed', 'An idea.', 1, '2026-01-01', '2026-01-01', '2026-01-01')"
+        )
+        for order, (step, tokens) in enumerate((("expand", 150), ("aggregate_decision", 0))):
+            old.execute(
+                "INSERT INTO step_progress (run_id, step_name, step_order, status, attempts, "
+                "input_tokens, output_tokens, total_tokens) VALUES "
+                "('r1', ?, ?, 'completed', 1, ?, 0, ?)",
+                (step, order, tokens, tokens),
+            )
+    old.close()
+
+    command.upgrade(alembic_config(url), "head")
+
+    migrated = sqlite3.connect(tmp_path / "priced.db")
+    try:
+        rows = migrated.execute(
+            "SELECT step_name, model, cost_usd, spent_at FROM step_progress ORDER BY step_order"
+        ).fetchall()
+        deferred = migrated.execute("SELECT deferred_until FROM runs").fetchone()
+    finally:
+        migrated.close()
+    # The model of an old call is not known, so neither is its price.
+    assert rows == [("expand", None, None, None), ("aggregate_decision", None, 0.0, None)]
+    assert deferred == (None,)

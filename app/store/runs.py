@@ -15,7 +15,20 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import Integer, Text, bindparam, delete, exists, func, insert, select, update
+from sqlalchemy import (
+    Float,
+    Integer,
+    String,
+    Text,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -31,6 +44,7 @@ from app.domain.models import (
 )
 from app.domain.personas import AGGREGATE_STEP, EXPAND_STEP, PERSONAS, STEP_NAMES
 from app.domain.pipeline import Checkpoint, RunInput
+from app.domain.pricing import COST_DECIMALS
 from app.domain.prompts import PROMPT_SET_VERSION
 from app.domain.revisions import ParentReview, Revision, read_edits
 from app.errors import InvalidRunInput, LeaseLost
@@ -66,6 +80,7 @@ class ClaimOutcome(StrEnum):
     NOT_FOUND = "not_found"
     FINISHED = "finished"  # completed or failed: nothing left to do
     BUSY = "busy"  # another delivery holds a live lease
+    NOT_STARTED = "not_started"  # queued, and the claim took only started runs
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,30 @@ class Claim:
     # The run's time so far since its first claim, on the database's clock.
     elapsed_seconds: float = 0.0
     delivery_count: int = 0
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """What a run consumed so far, for the lines that report its end (`job_completed`,
+    `job_failed`): its time since the first claim (since it was queued when never claimed),
+    its tokens and their cost summed over its steps (None once a step's cost is unknown)."""
+
+    run_type: str
+    priority: str
+    elapsed_seconds: float
+    usage: TokenUsage
+    cost_usd: float | None
+
+    def log_fields(self) -> dict[str, Any]:
+        return {
+            "elapsed_time": self.elapsed_seconds,
+            "input_tokens": self.usage.input_tokens,
+            "output_tokens": self.usage.output_tokens,
+            "total_tokens": self.usage.total_tokens,
+            "cost_usd": self.cost_usd,
+            "run_type": self.run_type,
+            "priority": self.priority,
+        }
 
 
 def utcnow() -> datetime:
@@ -229,6 +268,44 @@ class RunStore(Repository):
                 for row in result.all()
             }
 
+    async def run_totals(self, run_id: str) -> RunTotals | None:
+        """The run's type, priority, time so far, and tokens and cost over its steps."""
+        steps = (
+            select(
+                func.coalesce(func.sum(StepProgress.input_tokens), 0),
+                func.coalesce(func.sum(StepProgress.output_tokens), 0),
+                func.coalesce(func.sum(StepProgress.total_tokens), 0),
+                func.coalesce(func.sum(StepProgress.cost_usd), 0.0),
+                # SUM skips NULLs: a step of unknown cost makes the run's unknown.
+                func.count() - func.count(StepProgress.cost_usd),
+            )
+            .where(StepProgress.run_id == run_id)
+            .subquery()
+        )
+        result = await self._statement(
+            select(
+                Run.run_type,
+                Run.priority,
+                func.coalesce(Run.started_at, Run.queued_at),
+                db_time(),
+                *steps.c,
+            )
+            # The steps' sums are one row: joined to the run's on nothing.
+            .join_from(Run, steps, true())
+            .where(Run.id == run_id)
+        )
+        row = result.one_or_none()
+        if row is None:
+            return None
+        run_type, priority, since, now, tokens_in, tokens_out, total, cost, unknown = tuple(row)
+        return RunTotals(
+            run_type=run_type,
+            priority=priority,
+            elapsed_seconds=max((now - since).total_seconds(), 0.0),
+            usage=TokenUsage(int(tokens_in), int(tokens_out), int(total)),
+            cost_usd=None if unknown else round(float(cost), COST_DECIMALS),
+        )
+
     # --- claiming and leases -------------------------------------------------------------
 
     async def status(self, run_id: str) -> str | None:
@@ -238,14 +315,24 @@ class RunStore(Repository):
         return None if status is None else str(status)
 
     async def claim(
-        self, run_id: str, owner: str, lease_seconds: float, delivery_attempt: int | None
+        self,
+        run_id: str,
+        owner: str,
+        lease_seconds: float,
+        delivery_attempt: int | None,
+        started_only: bool = False,
     ) -> Claim:
-        """Take the run's lease with one conditional UPDATE; explain why when it cannot."""
+        """Take the run's lease with one conditional UPDATE; explain why when it cannot.
+
+        `started_only` (the daily budget is spent) takes only runs an earlier delivery
+        started; a queued run is then `NOT_STARTED`, left as it is.
+        """
         state = (Run.status, Run.started_at, Run.delivery_count, db_time())
+        claimable = (RunStatus.RUNNING,) if started_only else UNFINISHED
         claimed = (
             await self._statement(
                 update(Run)
-                .where(Run.id == run_id, Run.status.in_(UNFINISHED), no_live_lease())
+                .where(Run.id == run_id, Run.status.in_(claimable), no_live_lease())
                 .values(
                     status=RunStatus.RUNNING,
                     lease_owner=owner,
@@ -272,9 +359,21 @@ class RunStore(Repository):
             outcome = ClaimOutcome.CLAIMED
         elif status in (RunStatus.COMPLETED, RunStatus.FAILED):
             outcome = ClaimOutcome.FINISHED
+        elif status == RunStatus.QUEUED and started_only:
+            outcome = ClaimOutcome.NOT_STARTED
         else:
             outcome = ClaimOutcome.BUSY
         return Claim(outcome, status, elapsed, delivery_count)
+
+    async def defer(self, run_id: str, until: datetime) -> bool:
+        """Leave a queued run for the sweep to hand to the queue again after `until`;
+        False when it is no longer queued or a delivery holds it."""
+        result = await self._statement(
+            update(Run)
+            .where(Run.id == run_id, Run.status == RunStatus.QUEUED, no_live_lease())
+            .values(deferred_until=until, updated_at=db_time())
+        )
+        return _rowcount(result) == 1
 
     async def heartbeat(self, run_id: str, owner: str, lease_seconds: float) -> bool:
         """Extend the lease; False when it is no longer ours."""
@@ -339,9 +438,17 @@ class RunStore(Repository):
         return int(attempts)
 
     async def attempt_failed(
-        self, run_id: str, owner: str, step: str, error: str, usage: TokenUsage
+        self,
+        run_id: str,
+        owner: str,
+        step: str,
+        error: str,
+        usage: TokenUsage,
+        model: str | None = None,
+        cost_usd: float | None = 0.0,
     ) -> None:
-        params = _step_params(run_id, owner, step, usage, error=error)
+        """Add a failed call's tokens, model and cost to the step; keep its error."""
+        params = _step_params(run_id, owner, step, usage, model, cost_usd, error=error)
         if _rowcount(await self._statement(_STEP_ATTEMPT_FAILED, params)) != 1:
             raise _lease_lost(run_id, owner)
 
@@ -351,11 +458,19 @@ class RunStore(Repository):
             raise _lease_lost(run_id, owner)
 
     async def step_completed(
-        self, run_id: str, owner: str, step: str, output: BaseModel, usage: TokenUsage
+        self,
+        run_id: str,
+        owner: str,
+        step: str,
+        output: BaseModel,
+        usage: TokenUsage,
+        model: str | None = None,
+        cost_usd: float | None = 0.0,
     ) -> None:
-        """Persist the step's output and mark it completed, atomically (the checkpoint)."""
+        """Persist the step's output and mark it completed, atomically (the checkpoint),
+        with the last call's tokens, model and cost added to the step's."""
         now = utcnow()
-        params = _step_params(run_id, owner, step, usage, now=now)
+        params = _step_params(run_id, owner, step, usage, model, cost_usd, now=now)
         async with self._transaction() as session:
             if step in _PERSONA_BY_STEP:
                 # Five reviews complete at once: their fences share the run's row.
@@ -544,6 +659,7 @@ def _add_run(
                 input_tokens=0,
                 output_tokens=0,
                 total_tokens=0,
+                cost_usd=0.0,
             )
             for order, name in enumerate(STEP_NAMES, start=1)
         ],
@@ -563,10 +679,17 @@ def _run_update(run_id: str, owner: str) -> Any:
 
 
 def _step_params(
-    run_id: str, owner: str, step: str, usage: TokenUsage | None = None, **values: Any
+    run_id: str,
+    owner: str,
+    step: str,
+    usage: TokenUsage | None = None,
+    model: str | None = None,
+    cost_usd: float | None = 0.0,
+    **values: Any,
 ) -> dict[str, Any]:
     """Parameters of the step statements below."""
     usage = usage or TokenUsage()
+    spent = usage != TokenUsage()
     # Prefixed: an UPDATE reserves its columns' own names for its SET clause.
     named = {
         "run_id": run_id,
@@ -575,6 +698,9 @@ def _step_params(
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "total_tokens": usage.total_tokens,
+        "model": model,
+        "cost_usd": cost_usd,
+        "spent_at": utcnow() if spent else None,
         **values,
     }
     return {f"p_{name}": value for name, value in named.items()}
@@ -613,10 +739,14 @@ _THIS_STEP = (
     StepProgress.run_id == bindparam("p_run_id"),
     StepProgress.step_name == bindparam("p_step"),
 )
+# A NULL cost (a call of a model without a price) makes the step's cost NULL for good.
 _ADD_USAGE = {
     "input_tokens": StepProgress.input_tokens + bindparam("p_input_tokens", type_=Integer()),
     "output_tokens": StepProgress.output_tokens + bindparam("p_output_tokens", type_=Integer()),
     "total_tokens": StepProgress.total_tokens + bindparam("p_total_tokens", type_=Integer()),
+    "cost_usd": StepProgress.cost_usd + bindparam("p_cost_usd", type_=Float()),
+    "model": func.coalesce(bindparam("p_model", type_=String()), StepProgress.model),
+    "spent_at": func.coalesce(bindparam("p_spent_at", type_=UTCDateTime()), StepProgress.spent_at),
 }
 _NOW = bindparam("p_now", type_=UTCDateTime())
 _ERROR = bindparam("p_error", type_=Text())
@@ -655,6 +785,8 @@ _STEP_REUSED = (
         started_at=_NOW,
         completed_at=_NOW,
         error_message=None,
+        # Taken over without a call: it costs this run nothing.
+        cost_usd=0.0,
         reused_from_run_id=bindparam("p_origin", type_=Text()),
     )
     .execution_options(synchronize_session=False)

@@ -88,6 +88,9 @@ class Run(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The outbox: NULL until the job message is accepted by the queue; the relay retries it.
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # A delivery found the daily budget spent before the run started: it waits, queued, and
+    # the sweep hands it to the queue again once this moment (the budget's next day) passed.
+    deferred_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     steps: Mapped[list[StepProgress]] = relationship(
         back_populates="run", order_by="StepProgress.step_order", cascade="all, delete-orphan"
@@ -122,10 +125,19 @@ class StepProgress(Base):
     total_tokens: Mapped[int] = mapped_column(Integer, default=0)
     # A revision's review taken over unchanged: the run whose LLM call produced it.
     reused_from_run_id: Mapped[str | None] = mapped_column(String(36))
+    # The model of the step's last call, and what its calls cost in US dollars (LLM_PRICES):
+    # NULL once a call's model had no price. `spent_at` is when cost was last added: the
+    # daily budget sums the costs spent in its day.
+    model: Mapped[str | None] = mapped_column(String(128))
+    cost_usd: Mapped[float | None] = mapped_column(Float, default=0.0)
+    spent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     run: Mapped[Run] = relationship(back_populates="steps")
 
-    __table_args__ = (UniqueConstraint("run_id", "step_name", name="uq_step_progress_run_step"),)
+    __table_args__ = (
+        UniqueConstraint("run_id", "step_name", name="uq_step_progress_run_step"),
+        Index("ix_step_progress_spent_at", "spent_at"),
+    )
 
 
 class PersonaReviewRow(Base):
