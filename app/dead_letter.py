@@ -17,7 +17,7 @@ from loguru import logger
 from app.publish import Outbox
 from app.push.envelope import MalformedPush, PushMessage, decode_push, parse_job
 from app.push.policy import Outcome
-from app.service import PushReceiver
+from app.service import PushReceiver, run_end_fields
 from app.store.recovery import RecoveryStore
 from app.store.runs import RunStatus, RunStore
 from app.sweep import queued
@@ -93,12 +93,21 @@ class DeadLetterReceiver:
             reason,
         )
         log = logger.error if action == "failed" else logger.warning
+        # A failed run's line carries what every job_failed line does (app/service.py).
+        failed = (
+            {"error_message": reason, **await run_end_fields(self._store, run_id)}
+            if action == "failed"
+            else {}
+        )
         log(
             "dead letter: {}",
             reason,
             run_id=run_id,
             lifecycle_event="job_failed" if action == "failed" else "dead_lettered",
             dead_letter_action=action,
+            message_id=message.message_id,
+            delivery_attempt=attempts,
+            **failed,
         )
         return Outcome.DEAD_LETTER_RECORDED
 

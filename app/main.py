@@ -23,6 +23,7 @@ from app.api import diff, health, push, runs, tasks
 from app.api.deps import Services
 from app.api.errors import error_response, install_error_handlers, request_id_var
 from app.auth import build_api_authenticator, build_authenticator
+from app.cost import CostMeter, DailyBudget
 from app.dead_letter import DeadLetterReceiver
 from app.domain.llm import LLM
 from app.domain.personas import validate_policy
@@ -43,6 +44,7 @@ from app.store.db import (
 )
 from app.store.recovery import RecoveryStore
 from app.store.runs import RunStore
+from app.store.spend import SpendStore
 from app.sweep import Sweeper, queued
 from app.tracing import Tracing
 
@@ -87,6 +89,12 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
             ),
             tracer=tracing.tracer,
             instance_id=f"{socket.gethostname()}:{os.getpid()}",
+            meter=CostMeter(settings.llm_prices),
+            budget=(
+                DailyBudget(SpendStore(engine), settings.daily_budget_usd)
+                if settings.daily_budget_usd is not None
+                else None
+            ),
         )
         receiver = PushReceiver(store, runner)
         publisher: Publisher
@@ -108,7 +116,11 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
             )
         outbox = Outbox(recovery, publisher)
         sweeper = Sweeper(
-            recovery, outbox, settings.run_stale_seconds, settings.worker_job_timeout_seconds
+            recovery,
+            outbox,
+            settings.run_stale_seconds,
+            settings.worker_job_timeout_seconds,
+            runs=store,
         )
         services = Services(
             settings=settings,

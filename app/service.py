@@ -10,18 +10,22 @@ import asyncio
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
-from typing import TypeVar
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
 
 from loguru import logger
 from opentelemetry import trace
 from pydantic import BaseModel
 
 from app.bounded import BoundedDict
-from app.domain.llm import LLM
+from app.cost import CostMeter, DailyBudget
+from app.domain.llm import LLM, LLMRequest, LLMResult, T
 from app.domain.models import PersonaReview, TokenUsage
 from app.domain.personas import AGGREGATE_STEP
 from app.domain.pipeline import PipelineConfig, run_pipeline
+from app.domain.pricing import DEFAULT_PRICES, add_costs
 from app.errors import (
     LeaseExpired,
     LeaseLost,
@@ -37,7 +41,7 @@ from app.push.envelope import (
     quarantine_headers,
 )
 from app.push.policy import Outcome
-from app.store.runs import ClaimOutcome, RunStatus, RunStore
+from app.store.runs import ClaimOutcome, RunStatus, RunStore, RunTotals
 from app.tracing import DeliverySpans
 
 R = TypeVar("R")
@@ -71,16 +75,58 @@ _FINISHED = frozenset({RunStatus.COMPLETED, RunStatus.FAILED})
 WRAP_UP_TIMEOUT_SECONDS = 2.0
 
 
+class _ModelsUsed:
+    """The pipeline's LLM, noting the model of each step's last call: the model that
+    answered, else (the call failed) the one asked for."""
+
+    def __init__(self, llm: LLM) -> None:
+        self._llm = llm
+        self.by_step: dict[str, str] = {}
+
+    def slot(self) -> AbstractAsyncContextManager[None]:
+        return self._llm.slot()
+
+    async def generate(self, request: LLMRequest[T]) -> LLMResult[T]:
+        self.by_step[request.step] = request.model
+        result = await self._llm.generate(request)
+        self.by_step[request.step] = result.model or request.model
+        return result
+
+
+@dataclass
+class _StepTally:
+    """One step in this delivery: since when, its last attempt, and what its calls used."""
+
+    started: float
+    attempt: int = 0
+    usage: TokenUsage = field(default_factory=TokenUsage)
+    cost_usd: float | None = 0.0
+
+
 class _StoreProgress:
-    """The pipeline's `Progress`, persisted through the store under this delivery's lease."""
+    """The pipeline's `Progress`, persisted through the store under this delivery's lease.
+
+    Each call's tokens are priced and stored with the step; the step's log lines say what the
+    step took in this delivery (`elapsed_time`, tokens and cost of all its attempts).
+    """
 
     def __init__(
-        self, store: RunStore, run_id: str, owner: str, spans: DeliverySpans | None = None
+        self,
+        store: RunStore,
+        run_id: str,
+        owner: str,
+        models: _ModelsUsed,
+        meter: CostMeter,
+        spans: DeliverySpans | None = None,
     ) -> None:
         self._store = store
         self._spans = spans or DeliverySpans(trace.NoOpTracer(), run_id)
         self._run_id = run_id
         self._owner = owner
+        self._models = models
+        self._meter = meter
+        self._steps: dict[str, _StepTally] = {}
+        self._loop = asyncio.get_running_loop()
         # Storing the decision completes the run and drops its lease.
         self.run_completed = False
 
@@ -88,35 +134,82 @@ class _StoreProgress:
         self._spans.step_started(step)
         attempt = await self._store.step_started(self._run_id, self._owner, step)
         self._spans.attempt(step, attempt)
-        logger.info("step started", lifecycle_event="step_started", step=step, attempt=attempt)
+        self._tally(step).attempt = attempt
+        logger.info("step started", lifecycle_event="step_started", step_name=step, attempt=attempt)
         return attempt
 
     async def attempt_failed(self, step: str, error: str, usage: TokenUsage) -> None:
         self._spans.attempt_failed(step, error)
-        await self._store.attempt_failed(self._run_id, self._owner, step, error, usage)
-        logger.warning("step attempt failed: {}", error, step=step)
+        model, cost = self._priced(step, usage)
+        await self._store.attempt_failed(self._run_id, self._owner, step, error, usage, model, cost)
+        logger.warning("step attempt failed: {}", error, step_name=step)
 
     async def step_failed(self, step: str, error: str) -> None:
         await self._store.step_failed(self._run_id, self._owner, step, error)
-        logger.error("step failed: {}", error, lifecycle_event="step_failed", step=step)
+        logger.error(
+            "step failed: {}",
+            error,
+            lifecycle_event="step_failed",
+            error_message=error,
+            **self._step_fields(step),
+        )
         self._spans.step_ended(step, error)
 
     async def step_completed(self, step: str, output: BaseModel, usage: TokenUsage) -> None:
-        await self._store.step_completed(self._run_id, self._owner, step, output, usage)
-        self.run_completed = step == AGGREGATE_STEP
-        logger.info(
-            "step completed",
-            lifecycle_event="step_completed",
-            step=step,
-            total_tokens=usage.total_tokens,
+        model, cost = self._priced(step, usage)
+        await self._store.step_completed(
+            self._run_id, self._owner, step, output, usage, model, cost
         )
+        self.run_completed = step == AGGREGATE_STEP
+        logger.info("step completed", lifecycle_event="step_completed", **self._step_fields(step))
         self._spans.step_ended(step)
 
     async def step_reused(self, step: str, review: PersonaReview, origin_run_id: str) -> None:
         self._spans.step_started(step, reused_from=origin_run_id)
         await self._store.step_reused(self._run_id, self._owner, step, review, origin_run_id)
         self._spans.step_ended(step)
-        logger.info("step reused from run {}", origin_run_id, step=step)
+        logger.info("step reused from run {}", origin_run_id, step_name=step)
+
+    def _tally(self, step: str) -> _StepTally:
+        tally = self._steps.get(step)
+        if tally is None:
+            tally = self._steps[step] = _StepTally(started=self._loop.time())
+        return tally
+
+    def _priced(self, step: str, usage: TokenUsage) -> tuple[str | None, float | None]:
+        """The model of the step's last call and what `usage` of it cost, added to the tally."""
+        model = self._models.by_step.get(step)
+        cost = self._meter.cost(model, usage)
+        tally = self._tally(step)
+        tally.usage += usage
+        tally.cost_usd = add_costs((tally.cost_usd, cost))
+        return model, cost
+
+    def _step_fields(self, step: str) -> dict[str, Any]:
+        tally = self._tally(step)
+        return {
+            "step_name": step,
+            "elapsed_time": self._loop.time() - tally.started,
+            "model": self._models.by_step.get(step),
+            "input_tokens": tally.usage.input_tokens,
+            "output_tokens": tally.usage.output_tokens,
+            "total_tokens": tally.usage.total_tokens,
+            "cost_usd": tally.cost_usd,
+            "attempt": tally.attempt,
+        }
+
+
+# The fields of `job_completed` and `job_failed` lines that say what the run consumed
+# (`RunTotals.log_fields`); null when the database could not tell.
+_RUN_FIELDS = (
+    "elapsed_time",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost_usd",
+    "run_type",
+    "priority",
+)
 
 
 class Runner:
@@ -130,6 +223,8 @@ class Runner:
         limits: ExecutionLimits,
         instance_id: str,
         *,
+        meter: CostMeter | None = None,
+        budget: DailyBudget | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
         self._store = store
@@ -139,6 +234,9 @@ class Runner:
         self._instance_id = instance_id
         # The delivery's claim and steps as spans (app/tracing.py); a no-op tracer when off.
         self._tracer = tracer or trace.NoOpTracer()
+        self._meter = meter or CostMeter(DEFAULT_PRICES)
+        # DAILY_BUDGET_USD; None: no budget.
+        self._budget = budget
         self._slots = asyncio.Semaphore(limits.max_concurrent_runs)
         # Deliveries waiting for a slot or running: shutdown cancels them all.
         self._deliveries: set[asyncio.Task[object]] = set()
@@ -154,8 +252,17 @@ class Runner:
         for task in self._deliveries:
             task.cancel()
 
-    async def execute(self, run_id: str, delivery_attempt: int | None) -> Outcome | None:
-        """One delivery of `run_id`; None when no such run exists."""
+    async def execute(
+        self, run_id: str, delivery_attempt: int | None, message_id: str | None = None
+    ) -> Outcome | None:
+        """One delivery of `run_id`; None when no such run exists. Every line logged about it
+        carries `run_id`, `delivery_attempt` and `message_id`."""
+        with logger.contextualize(
+            run_id=run_id, delivery_attempt=delivery_attempt, message_id=message_id
+        ):
+            return await self._execute_delivery(run_id, delivery_attempt)
+
+    async def _execute_delivery(self, run_id: str, delivery_attempt: int | None) -> Outcome | None:
         if self._draining:
             return Outcome.SHUTTING_DOWN
         # A duplicate of finished work never waits for a run slot and, once seen, costs no
@@ -171,7 +278,6 @@ class Runner:
             logger.info(
                 "run already {}; acknowledging duplicate delivery",
                 status,
-                run_id=run_id,
                 lifecycle_event="idempotent_skip",
             )
             return Outcome.ALREADY_DONE
@@ -180,17 +286,16 @@ class Runner:
         owner = f"{self._instance_id}/{uuid.uuid4().hex[:12]}"
         self._deliveries.add(task)
         try:
-            with logger.contextualize(run_id=run_id):
-                try:
-                    return await self._execute_in_slot(run_id, owner, delivery_attempt)
-                except asyncio.CancelledError:
-                    if not self._draining:
-                        raise
-                    # Cancelled by begin_shutdown: answer 503 instead of dying mid-request.
-                    task.uncancel()
-                    await self._release(run_id, owner, "instance shut down; checkpoint kept")
-                    logger.warning("released run on shutdown", lifecycle_event="job_released")
-                    return Outcome.SHUTTING_DOWN
+            try:
+                return await self._execute_in_slot(run_id, owner, delivery_attempt)
+            except asyncio.CancelledError:
+                if not self._draining:
+                    raise
+                # Cancelled by begin_shutdown: answer 503 instead of dying mid-request.
+                task.uncancel()
+                await self._release(run_id, owner, "instance shut down; checkpoint kept")
+                logger.warning("released run on shutdown", lifecycle_event="job_released")
+                return Outcome.SHUTTING_DOWN
         finally:
             self._deliveries.discard(task)
 
@@ -225,9 +330,20 @@ class Runner:
         waited: float,
         spans: DeliverySpans,
     ) -> Outcome | None:
-        claim = await self._store.claim(run_id, owner, self._limits.lease_seconds, delivery_attempt)
+        # With the day's budget spent, only runs already started are claimed: they finish.
+        deferred_until = await self._budget.exhausted_until() if self._budget else None
+        claim = await self._store.claim(
+            run_id,
+            owner,
+            self._limits.lease_seconds,
+            delivery_attempt,
+            started_only=deferred_until is not None,
+        )
         if claim.outcome is ClaimOutcome.NOT_FOUND:
             return None
+        if claim.outcome is ClaimOutcome.NOT_STARTED:
+            assert deferred_until is not None
+            return await self._defer(run_id, deferred_until)
         if claim.outcome is ClaimOutcome.FINISHED:
             assert claim.status is not None
             self._remember_finished(run_id, claim.status)
@@ -258,11 +374,12 @@ class Runner:
         try:
             async with asyncio.timeout(budget):
                 run, checkpoint = await self._store.load_work(run_id)
-                progress = _StoreProgress(self._store, run_id, owner, spans)
+                models = _ModelsUsed(self._llm)
+                progress = _StoreProgress(self._store, run_id, owner, models, self._meter, spans)
                 decision = await self._with_lease(
                     run_id,
                     owner,
-                    run_pipeline(run, checkpoint, self._llm, progress, self._config),
+                    run_pipeline(run, checkpoint, models, progress, self._config),
                     lambda: progress.run_completed,
                 )
             self._remember_finished(run_id, RunStatus.COMPLETED)
@@ -289,8 +406,26 @@ class Runner:
             lifecycle_event="job_completed",
             decision=decision.decision,
             overall_weighted_confidence=decision.overall_weighted_confidence,
+            **await self._run_fields(run_id),
         )
         return Outcome.COMPLETED
+
+    async def _defer(self, run_id: str, until: datetime) -> Outcome:
+        """Acknowledge a delivery of a run not yet started while the budget is spent: the run
+        stays queued, and the sweep hands it to the queue again after `until`."""
+        if not await self._store.defer(run_id, until):
+            # Claimed or finished meanwhile: a redelivery will see which.
+            return Outcome.LEASE_BUSY
+        logger.info(
+            "daily budget spent: run deferred until {}",
+            until.isoformat(),
+            lifecycle_event="job_deferred",
+            deferred_until=until.isoformat(),
+        )
+        return Outcome.DEFERRED
+
+    async def _run_fields(self, run_id: str) -> dict[str, Any]:
+        return await run_end_fields(self._store, run_id)
 
     async def _with_lease(
         self, run_id: str, owner: str, work: Awaitable[R], completed: Callable[[], bool]
@@ -376,7 +511,13 @@ class Runner:
         if not failed:
             return Outcome.LEASE_BUSY
         self._remember_finished(run_id, RunStatus.FAILED)
-        logger.error("job failed: {}", error, lifecycle_event="job_failed")
+        logger.error(
+            "job failed: {}",
+            error,
+            lifecycle_event="job_failed",
+            error_message=error,
+            **await self._run_fields(run_id),
+        )
         return Outcome.FAILED
 
     def _remember_finished(self, run_id: str, status: str) -> None:
@@ -384,6 +525,19 @@ class Runner:
         call. A failed run is not remembered: an operator's replay may queue it again."""
         if status == RunStatus.COMPLETED:
             self._finished[run_id] = status
+
+
+async def run_end_fields(store: RunStore, run_id: str) -> dict[str, Any]:
+    """What the run consumed, for its `job_completed` or `job_failed` line (bounded: the run's
+    outcome is already stored; a database that does not answer only blanks these fields)."""
+    totals: RunTotals | None = None
+    try:
+        totals = await _wrap_up(store.run_totals(run_id))
+    except (TimeoutError, StoreUnavailable) as exc:
+        logger.warning("could not read the run's totals for its log line: {!r}", exc)
+    if totals is None:
+        return dict.fromkeys(_RUN_FIELDS)
+    return totals.log_fields()
 
 
 async def _wrap_up(call: Coroutine[object, object, R]) -> R:
@@ -467,7 +621,7 @@ class PushReceiver:
     async def _execute(
         self, run_id: str, message: PushMessage, body: bytes, headers: Mapping[str, str]
     ) -> Outcome:
-        outcome = await self._runner.execute(run_id, message.delivery_attempt)
+        outcome = await self._runner.execute(run_id, message.delivery_attempt, message.message_id)
         if outcome is None:
             return await self.reject(
                 f"unknown run_id {run_id}",

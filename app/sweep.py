@@ -6,7 +6,8 @@ clock, so instances may sweep at the same time:
 1. fails unfinished runs nobody holds whose job timeout (`WORKER_JOB_TIMEOUT_SECONDS`) passed;
 2. re-enqueues unfinished runs that hold no live lease and made no progress for
    `RUN_STALE_SECONDS` (their last delivery was refused, dead-lettered or lost with its
-   instance);
+   instance); a run deferred by the daily budget (`DAILY_BUDGET_USD`, app/cost.py) waits until
+   the budget's next UTC day has begun, and its job timeout counts from then;
 3. publishes runs the queue never accepted (the outbox).
 
 On Cloud Run the round is triggered by Cloud Scheduler through `POST /tasks/sweep`, because a
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from loguru import logger
 
 from app.publish import PUBLISH_TIMEOUT_SECONDS, Outbox, QueuedJob
+from app.service import run_end_fields
 from app.store.recovery import RecoveryStore, RunJob
+from app.store.runs import RunStore
 
 # Runs handled per round and per kind; the next round takes the rest.
 BATCH = 100
@@ -49,8 +52,11 @@ class Sweeper:
         outbox: Outbox,
         stale_seconds: float,
         job_timeout_seconds: float,
+        *,
+        runs: RunStore,
     ) -> None:
         self._recovery = recovery
+        self._runs = runs
         self._outbox = outbox
         self._stale_seconds = stale_seconds
         self._job_timeout_seconds = job_timeout_seconds
@@ -62,7 +68,16 @@ class Sweeper:
         for run_id in await self._recovery.timed_out_runs(self._job_timeout_seconds, BATCH):
             if await self._recovery.fail_unleased(run_id, reason):
                 timed_out += 1
-                logger.error("job failed: {}", reason, run_id=run_id, lifecycle_event="job_failed")
+                logger.error(
+                    "job failed: {}",
+                    reason,
+                    run_id=run_id,
+                    lifecycle_event="job_failed",
+                    error_message=reason,
+                    delivery_attempt=None,
+                    message_id=None,
+                    **await run_end_fields(self._runs, run_id),
+                )
 
         requeued = 0
         for run in await self._recovery.take_stale(self._stale_seconds, BATCH):

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx2
 import pytest
 from loguru import logger
+from sqlalchemy import update
 
+from app.domain.personas import AGGREGATE_STEP, STEP_NAMES
 from app.logs import configure_logging, trace_context
 from app.main import create_app
+from app.push.envelope import encode_wrapped
 from app.settings import Settings
+from app.store.tables import Run
 from tests.conftest import running_app, services_of
-from tests.fakes.openai_server import FakeOpenAI
-from tests.test_push_pipeline import push
+from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.test_push_pipeline import SUBSCRIPTION, push
 
 
 @pytest.fixture
@@ -119,3 +124,146 @@ async def test_unhandled_error_answers_500_with_the_error_shape(
         "request_id": "req-500",
         "detail": "internal server error",
     }
+
+
+# The fields the monitoring queries, log-based metrics and runbook (infra/monitoring/,
+# docs/OPERATIONS.md) read, by lifecycle event, with the JSON types they must have.
+INT_OR_NULL = (int, type(None))
+STR_OR_NULL = (str, type(None))
+FLOAT_OR_NULL = (float, type(None))
+DELIVERY_FIELDS: dict[str, Any] = {"delivery_attempt": INT_OR_NULL, "message_id": STR_OR_NULL}
+RUN_TOTALS: dict[str, Any] = {
+    "run_id": str,
+    "lifecycle_event": str,
+    "elapsed_time": float,
+    **DELIVERY_FIELDS,
+    "input_tokens": int,
+    "output_tokens": int,
+    "total_tokens": int,
+    "cost_usd": FLOAT_OR_NULL,
+    "run_type": str,
+    "priority": str,
+}
+STEP_FIELDS: dict[str, Any] = {
+    "run_id": str,
+    "lifecycle_event": str,
+    "step_name": str,
+    "elapsed_time": float,
+    "model": STR_OR_NULL,
+    "input_tokens": int,
+    "output_tokens": int,
+    "total_tokens": int,
+    "cost_usd": FLOAT_OR_NULL,
+    "attempt": int,
+    **DELIVERY_FIELDS,
+}
+EVENT_FIELDS: dict[str, dict[str, Any]] = {
+    "job_completed": {**RUN_TOTALS, "decision": str, "overall_weighted_confidence": float},
+    "job_failed": {**RUN_TOTALS, "error_message": str},
+    "step_completed": STEP_FIELDS,
+    "step_failed": {**STEP_FIELDS, "error_message": str},
+    "idempotent_skip": {"run_id": str, "lifecycle_event": str, **DELIVERY_FIELDS},
+}
+# gpt-5.1 at the default prices: 100 input and 50 output tokens per call (the fake's usage).
+CALL_COST = (100 * 1.25 + 50 * 10.0) / 1_000_000
+
+
+def assert_fields(line: dict[str, Any]) -> None:
+    """`line` carries every field its event promises, each of the promised JSON type."""
+    for name, kind in EVENT_FIELDS[line["lifecycle_event"]].items():
+        assert name in line, f"{line['lifecycle_event']} lacks {name}: {line}"
+        value = line[name]
+        # JSON has no int/float distinction for whole floats; bool is not a number here.
+        assert not isinstance(value, bool), (name, value)
+        assert isinstance(value, kind), f"{line['lifecycle_event']}.{name}={value!r}"
+
+
+def events_of(lines: list[dict[str, Any]], run_id: str, event: str) -> list[dict[str, Any]]:
+    return [x for x in lines if x.get("run_id") == run_id and x.get("lifecycle_event") == event]
+
+
+async def test_lifecycle_lines_carry_the_fields_the_monitoring_reads(
+    make_settings: Callable[..., Settings],
+    llm: FakeOpenAI,
+    production_logs: Callable[[], list[dict[str, Any]]],
+) -> None:
+    async with running_app(make_settings()) as (app, client):
+        configure_logging(True, "DEBUG", "my-project")
+        store = services_of(app).store
+        ok = await store.create_run("A tool library.", None)
+        failing = await store.create_run("A bike library.", None)
+
+        async def deliver(run_id: str, message_id: str, attempt: int) -> None:
+            body = encode_wrapped({"run_id": run_id}, message_id, SUBSCRIPTION, attempt)
+            assert (await client.post("/pubsub/push", content=body)).status_code == 204
+
+        await deliver(ok.id, "m-ok", 1)
+        await deliver(ok.id, "m-dup", 2)
+        llm.queue("review_critic", Reply(refusal="I cannot review this."))
+        await deliver(failing.id, "m-fail", 3)
+    lines = production_logs()
+
+    [completed] = events_of(lines, ok.id, "job_completed")
+    assert_fields(completed)
+    assert completed["message_id"] == "m-ok" and completed["delivery_attempt"] == 1
+    assert completed["decision"] == "approve"
+    assert (completed["input_tokens"], completed["output_tokens"]) == (600, 300)
+    assert completed["total_tokens"] == 900
+    assert completed["cost_usd"] == pytest.approx(6 * CALL_COST)
+    assert (completed["run_type"], completed["priority"]) == ("initial", "normal")
+    assert completed["elapsed_time"] > 0
+
+    steps = events_of(lines, ok.id, "step_completed")
+    assert sorted(s["step_name"] for s in steps) == sorted(STEP_NAMES)
+    for step in steps:
+        assert_fields(step)
+        assert step["message_id"] == "m-ok" and step["delivery_attempt"] == 1
+        assert step["attempt"] == 1 and step["elapsed_time"] >= 0
+        if step["step_name"] == AGGREGATE_STEP:
+            assert (step["model"], step["total_tokens"], step["cost_usd"]) == (None, 0, 0.0)
+        else:
+            assert (step["model"], step["total_tokens"]) == ("gpt-5.1", 150)
+            assert step["cost_usd"] == pytest.approx(CALL_COST)
+
+    [skip] = events_of(lines, ok.id, "idempotent_skip")
+    assert_fields(skip)
+    assert (skip["message_id"], skip["delivery_attempt"]) == ("m-dup", 2)
+
+    [step_failed] = events_of(lines, failing.id, "step_failed")
+    assert_fields(step_failed)
+    assert step_failed["step_name"] == "review_critic"
+    assert "refused" in step_failed["error_message"]
+    # The refusal's tokens were billed: the failed step says so.
+    assert step_failed["total_tokens"] == 150
+    assert step_failed["cost_usd"] == pytest.approx(CALL_COST)
+    [job_failed] = events_of(lines, failing.id, "job_failed")
+    assert_fields(job_failed)
+    assert (job_failed["message_id"], job_failed["delivery_attempt"]) == ("m-fail", 3)
+    assert "refused" in job_failed["error_message"]
+    # expand and five reviews were called (the four others completed), all billed.
+    assert job_failed["total_tokens"] == 900
+    assert job_failed["cost_usd"] == pytest.approx(6 * CALL_COST)
+
+
+async def test_a_run_failed_by_the_sweep_logs_the_same_fields(
+    make_settings: Callable[..., Settings],
+    llm: FakeOpenAI,
+    production_logs: Callable[[], list[dict[str, Any]]],
+) -> None:
+    async with running_app(make_settings(worker_job_timeout_seconds=60)) as (app, _):
+        configure_logging(True, "DEBUG", "my-project")
+        services = services_of(app)
+        run = await services.store.create_run("A tool library.", None)
+        async with services.engine.begin() as connection:
+            await connection.execute(
+                update(Run)
+                .where(Run.id == run.id)
+                .values(queued_at=run.queued_at - timedelta(hours=1))
+            )
+        assert (await services.sweeper.sweep_once()).timed_out == 1
+    [failed] = events_of(production_logs(), run.id, "job_failed")
+    assert_fields(failed)
+    assert failed["delivery_attempt"] is None and failed["message_id"] is None
+    assert "job timeout" in failed["error_message"]
+    assert failed["elapsed_time"] >= 3600
+    assert (failed["total_tokens"], failed["cost_usd"]) == (0, 0.0)

@@ -29,6 +29,7 @@ from app.api.schemas import (
 from app.api.versions import pinned_versions
 from app.domain.models import PersonaReview, RunType, TokenUsage
 from app.domain.personas import PERSONAS
+from app.domain.pricing import add_costs
 from app.domain.revisions import read_edits
 from app.publish import QueuedJob
 from app.store.runs import RunStatus
@@ -157,11 +158,13 @@ async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
                 completed_at=s.completed_at,
                 error_message=s.error_message,
                 attempts=s.attempts,
+                model=s.model,
                 usage=Usage(
                     input_tokens=s.input_tokens,
                     output_tokens=s.output_tokens,
                     total_tokens=s.total_tokens,
                 ),
+                cost_usd=s.cost_usd,
                 reused_from_run_id=s.reused_from_run_id,
             )
             for s in run.steps
@@ -265,6 +268,9 @@ def _summary(run: Run) -> RunSummary:
         proposal_title=proposal.get("title"),
         proposal_summary=proposal.get("summary"),
         retry_count=max(run.delivery_count - 1, 0),
+        # Summed from the steps loaded with the run: unknown once one step's is.
+        cost_usd=add_costs(step.cost_usd for step in run.steps),
+        deferred_until=run.deferred_until,
     )
 
 

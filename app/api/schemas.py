@@ -113,6 +113,12 @@ class FullReviewAccepted(BaseModel):
     message: str
 
 
+_COST = (
+    "US dollars of the calls at LLM_PRICES (no cached-input discount); null when a model used "
+    "has no price"
+)
+
+
 class Usage(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
@@ -127,7 +133,11 @@ class StepProgressOut(BaseModel):
     completed_at: datetime | None
     error_message: str | None
     attempts: int
-    usage: Usage
+    model: str | None = Field(
+        description="the model of the step's last LLM call (null: the step made none)"
+    )
+    usage: Usage = Field(description="tokens of all the step's calls")
+    cost_usd: float | None = Field(description="all the step's calls: " + _COST)
     reused_from_run_id: str | None = Field(
         description=(
             "set on a revision's review taken over from its parent without a call (status "
@@ -154,6 +164,13 @@ class RunSummary(BaseModel):
     proposal_title: str | None
     proposal_summary: str | None
     retry_count: int = Field(description="deliveries after the first that worked on the run")
+    cost_usd: float | None = Field(description="the run's steps' cost: " + _COST)
+    deferred_until: datetime | None = Field(
+        description=(
+            "set when a delivery found DAILY_BUDGET_USD spent before the run started: it "
+            "stays queued and is re-enqueued after this moment (the budget's next UTC day)"
+        )
+    )
 
 
 class RunDetail(RunSummary):

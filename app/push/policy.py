@@ -15,6 +15,7 @@ class Outcome(StrEnum):
     OVERLOADED = "overloaded"  # this instance is at WORKER_MAX_CONCURRENCY
     SHUTTING_DOWN = "shutting_down"  # SIGTERM received: no new claims
     DEAD_LETTER_RECORDED = "dead_letter_recorded"  # re-enqueued, failed or already finished
+    DEFERRED = "deferred"  # daily budget spent, run not started: left for the sweep
 
 
 ACK_POLICY: dict[Outcome, int] = {
@@ -28,6 +29,9 @@ ACK_POLICY: dict[Outcome, int] = {
     Outcome.OVERLOADED: 503,
     Outcome.SHUTTING_DOWN: 503,
     Outcome.DEAD_LETTER_RECORDED: 204,
+    # Acknowledged: the run waits, queued, and the sweep re-enqueues it in the budget's next
+    # day; a redelivery now would only be deferred again.
+    Outcome.DEFERRED: 204,
 }
 
 

@@ -131,7 +131,8 @@ class RecoveryStore(Repository):
     async def take_stale(self, stale_seconds: float, limit: int) -> list[RunJob]:
         """Runs that were published, are unfinished, hold no live lease and made no progress
         for `stale_seconds`; each is marked re-enqueued (which counts as progress, so another
-        sweep leaves it alone for the next `stale_seconds`)."""
+        sweep leaves it alone for the next `stale_seconds`). A run deferred by the daily
+        budget waits until its `deferred_until` has passed."""
         async with self._transaction() as session:
             candidates = (
                 select(Run.id)
@@ -140,6 +141,7 @@ class RecoveryStore(Repository):
                     Run.published_at.is_not(None),
                     no_live_lease(),
                     Run.updated_at < db_time(-stale_seconds),
+                    Run.deferred_until.is_(None) | (Run.deferred_until <= db_time()),
                 )
                 .order_by(Run.updated_at)
                 .limit(limit)
@@ -163,14 +165,16 @@ class RecoveryStore(Repository):
 
     async def timed_out_runs(self, job_timeout_seconds: float, limit: int) -> list[str]:
         """Unfinished runs without a live lease whose job timeout has passed: counted from the
-        first claim, or from the moment they were queued for runs never claimed."""
+        first claim, or for runs never claimed from the moment they were queued (deferred by
+        the daily budget: from the end of their deferral, so waiting for it never fails them)."""
         async with self._transaction() as session:
+            since = func.coalesce(Run.started_at, Run.deferred_until, Run.queued_at)
             result = await session.execute(
                 select(Run.id)
                 .where(
                     Run.status.in_(UNFINISHED),
                     no_live_lease(),
-                    func.coalesce(Run.started_at, Run.queued_at) < db_time(-job_timeout_seconds),
+                    since < db_time(-job_timeout_seconds),
                 )
                 .order_by(Run.queued_at)
                 .limit(limit)
