@@ -267,3 +267,29 @@ async def test_a_run_failed_by_the_sweep_logs_the_same_fields(
     assert "job timeout" in failed["error_message"]
     assert failed["elapsed_time"] >= 3600
     assert (failed["total_tokens"], failed["cost_usd"]) == (0, 0.0)
+
+
+async def test_a_run_failed_by_its_dead_letter_logs_the_same_fields(
+    make_settings: Callable[..., Settings],
+    llm: FakeOpenAI,
+    production_logs: Callable[[], list[dict[str, Any]]],
+) -> None:
+    async with running_app(make_settings(worker_job_timeout_seconds=60)) as (app, client):
+        configure_logging(True, "DEBUG", "my-project")
+        services = services_of(app)
+        run = await services.store.create_run("A tool library.", None)
+        async with services.engine.begin() as connection:
+            await connection.execute(
+                update(Run)
+                .where(Run.id == run.id)
+                .values(queued_at=run.queued_at - timedelta(hours=1))
+            )
+        body = json.loads(encode_wrapped({"run_id": run.id}, "m-dead", SUBSCRIPTION))
+        body["message"]["attributes"] = {"CloudPubSubDeadLetterSourceDeliveryCount": "5"}
+        answer = await client.post("/pubsub/dead-letter", content=json.dumps(body).encode())
+        assert answer.status_code == 204
+    [failed] = events_of(production_logs(), run.id, "job_failed")
+    assert_fields(failed)
+    assert (failed["message_id"], failed["delivery_attempt"]) == ("m-dead", 5)
+    assert "dead-lettered after 5 attempts" in failed["error_message"]
+    assert (failed["run_type"], failed["total_tokens"], failed["cost_usd"]) == ("initial", 0, 0.0)
