@@ -197,10 +197,25 @@ def _resource() -> Any:
 
 
 def _cloud_trace_exporter(project_id: str | None) -> SpanExporter:
+    """Cloud Trace's exporter (opentelemetry-exporter-gcp-trace, the Trace API v2).
+
+    Its maintainers now deprecate it for OpenTelemetry's OTLP exporter sent to the Telemetry
+    API (telemetry.googleapis.com, resource attribute gcp.project_id); moving there replaces
+    only this function.
+    """
+    from google.auth.exceptions import DefaultCredentialsError
     from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
 
-    # Without a project, the exporter takes the credentials' own (the service's on Cloud Run).
-    exporter: SpanExporter = CloudTraceSpanExporter(project_id=project_id)  # type: ignore[no-untyped-call]
+    try:
+        # Without a project, the exporter takes the credentials' own (the service's on Cloud
+        # Run, which needs roles/cloudtrace.agent).
+        exporter: SpanExporter = CloudTraceSpanExporter(project_id=project_id)  # type: ignore[no-untyped-call]
+    except DefaultCredentialsError as exc:
+        raise RuntimeError(
+            "TRACING_ENABLED=true exports to Cloud Trace, which needs Google credentials "
+            "(on Cloud Run the service's account; elsewhere `gcloud auth application-default "
+            f"login` or GOOGLE_APPLICATION_CREDENTIALS): {exc}"
+        ) from exc
     return exporter
 
 
@@ -289,7 +304,12 @@ class PushTracing:
         async def hold(message: Message) -> None:
             held.append(message)
 
-        await self.app(scope, _replay(received, receive), hold)
+        try:
+            await self.app(scope, _replay(received, receive), hold)
+        except Exception:
+            for message in held:  # the error answer the app made, if any, as it would go
+                await send(message)
+            raise
         await self._flush()
         for message in held:
             await send(message)

@@ -20,7 +20,6 @@ import httpx2
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from loguru import logger
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
@@ -360,7 +359,9 @@ async def test_a_push_without_a_message_context_continues_the_request_trace(
         response = await client.post(
             "/pubsub/push",
             content=push_body(run.id, {"googclient_traceparent": "00-not-a-trace-01"}),
-            headers={"traceparent": f"00-{FRONT_END_TRACE}-{FRONT_END_SPAN}-01"},
+            # Marked "not sampled", as Cloud Run's front end marks most requests: that does not
+            # veto the trace (TRACING_SAMPLE_RATIO decides, 1.0 here).
+            headers={"traceparent": f"00-{FRONT_END_TRACE}-{FRONT_END_SPAN}-00"},
         )
         assert response.status_code == 204
         # Over the body limit: passed on untouched, refused by the route as before.
@@ -372,6 +373,16 @@ async def test_a_push_without_a_message_context_continues_the_request_trace(
     assert hex_trace(server) == FRONT_END_TRACE
     assert parent_of(server) == FRONT_END_SPAN
     assert not server.links
+
+
+async def test_tracing_on_without_google_credentials_refuses_to_start_with_a_clear_error(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    app = create_app(traced(make_settings))
+    with pytest.raises(RuntimeError, match="TRACING_ENABLED=true exports to Cloud Trace"):
+        async with app.router.lifespan_context(app):
+            pass
 
 
 async def test_push_answers_arriving_together_share_flushes() -> None:
@@ -453,7 +464,6 @@ async def test_the_trace_runs_from_the_api_request_through_pubsub_into_the_push_
 
         await eventually(delivered, 60, "the push delivery's server span")
         spans = exporter.get_finished_spans()
-    logger.remove()  # the app's lifespan configured logging for its own run
 
     api = one(spans, "POST /v1/full-review")
     publish = one(spans, f"publish {topic}")
