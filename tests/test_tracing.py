@@ -36,6 +36,7 @@ from tests.conftest import services_of
 from tests.emulator import PROJECT, PubSubEmulator
 from tests.fakes.openai_server import USAGE, FakeOpenAI, Reply
 from tests.procs import eventually, free_port
+from tests.test_revisions import completed_parent, revise
 
 SUBSCRIPTION = "projects/test/subscriptions/consensus-engine-jobs-sub"
 # A publisher's span, as its context arrives in the message attributes.
@@ -240,6 +241,63 @@ async def test_a_retried_attempt_is_its_own_span_and_an_event_of_its_step(
     server = one(spans, "POST /pubsub/push")
     assert server.parent is None
     assert not server.links
+
+
+async def test_a_step_the_delivery_abandons_still_ends_its_span(
+    make_settings: Callable[..., Settings], llm: FakeOpenAI, exporter: InMemorySpanExporter
+) -> None:
+    llm.queue("expand", Reply(delay=3.0))
+    settings = traced(make_settings, push_deadline_seconds=1.0)
+    async with app_with_spans(settings, exporter) as (app, client):
+        run = await services_of(app).store.create_run("A tool library for a street.", None)
+        assert (await client.post("/pubsub/push", content=push_body(run.id))).status_code == 503
+        spans = exporter.get_finished_spans()
+
+    claim = one(spans, "claim")
+    assert claim.attributes is not None and claim.attributes["outcome"] == "retry"
+    step = one(spans, "step expand")
+    assert parent_of(step) == hex_span(claim)
+    assert step.status.status_code is StatusCode.ERROR
+    assert step.status.description == "step unfinished when the delivery ended"
+    [attempt] = [s for s in spans if s.name.startswith("chat ")]
+    assert attempt.status.status_code is StatusCode.ERROR
+    assert attempt.attributes is not None and attempt.attributes["error.type"] == "CancelledError"
+
+
+async def test_a_revision_traces_reused_reviews_as_steps_without_calls(
+    make_settings: Callable[..., Settings], llm: FakeOpenAI, exporter: InMemorySpanExporter
+) -> None:
+    async with app_with_spans(traced(make_settings), exporter) as (_, client):
+        parent = await completed_parent(client, llm)
+        llm.scores.update({"critic": 0.9})
+        llm.blocking.clear()
+        run = await revise(client, parent["run_id"], edited_proposal={"title": "With aisles"})
+
+        def claims() -> list[ReadableSpan]:
+            return [
+                s
+                for s in named(exporter.get_finished_spans(), "claim")
+                if (s.attributes or {})["run_id"] == run["run_id"]
+            ]
+
+        async def exported() -> bool:  # in-process: the batch goes out on its schedule
+            return bool(claims())
+
+        await eventually(exported, 15, "the revision's claim span")
+        [claim] = claims()
+        spans = exporter.get_finished_spans()
+
+    below = children(spans, claim)
+    steps = {s.name.removeprefix("step "): s for s in below if s.name.startswith("step ")}
+    assert sorted(steps) == sorted(STEP_NAMES)
+    for name in ("review_architect", "review_optimist", "review_security_guardian"):
+        assert (steps[name].attributes or {})["reused_from_run_id"] == parent["run_id"]
+        assert not [s for s in children(spans, steps[name]) if s.name.startswith("chat ")]
+    for name in ("review_critic", "review_user_advocate"):
+        assert "reused_from_run_id" not in (steps[name].attributes or {})
+        assert [s for s in children(spans, steps[name]) if s.name.startswith("chat ")]
+    # Edits only: the expand step is recorded without a call.
+    assert not [s for s in children(spans, steps["expand"]) if s.name.startswith("chat ")]
 
 
 async def test_log_lines_carry_the_trace_and_span_they_were_logged_in(
