@@ -257,8 +257,9 @@ ensure_service_account() {
 ensure_service_account "$RECEIVER_SA_NAME" "consensus-engine push receiver (Cloud Run)"
 ensure_service_account "$PUSH_SA_NAME" "consensus-engine Pub/Sub push identity"
 
-step "receiver roles on the project: Cloud SQL client and IAM database login"
-for role in roles/cloudsql.client roles/cloudsql.instanceUser; do
+step "receiver roles on the project: Cloud SQL client, IAM database login, trace writer"
+# roles/cloudtrace.agent: with TRACING_ENABLED the receiver exports its spans to Cloud Trace.
+for role in roles/cloudsql.client roles/cloudsql.instanceUser roles/cloudtrace.agent; do
     run_retry gcloud projects add-iam-policy-binding "$PROJECT_ID" \
         --member="serviceAccount:$RECEIVER_SA" --role="$role" --condition=None --quiet >/dev/null
 done

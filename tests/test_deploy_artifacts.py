@@ -396,6 +396,7 @@ def test_setup_creates_the_push_subscription_the_manifest_expects(
     assert {
         (PROJECT, receiver, "roles/cloudsql.client"),
         (PROJECT, receiver, "roles/cloudsql.instanceUser"),
+        (PROJECT, receiver, "roles/cloudtrace.agent"),
         ("openai-api-key", receiver, "roles/secretmanager.secretAccessor"),
         ("consensus-engine-jobs", receiver, "roles/pubsub.publisher"),
         (
