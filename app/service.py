@@ -586,6 +586,15 @@ class PushReceiver:
             message = decode_push(body, headers)
         except MalformedPush as exc:
             return await self.reject(str(exc), body, headers, exc.message_id, exc.subscription)
+        # A summary, never the data itself: it holds the user's idea.
+        logger.debug(
+            "push message",
+            message_id=message.message_id,
+            subscription=message.subscription,
+            delivery_attempt=message.delivery_attempt,
+            data_bytes=len(message.data),
+            attributes=sorted(message.attributes)[:20],
+        )
         # A redelivery carries the same data as the delivery that resolved its run: no need to
         # parse and validate it again. (Other data under a known id is parsed as new.)
         known = self._message_runs.get(message.source_key) if message.source_key else None

@@ -293,3 +293,33 @@ async def test_a_run_failed_by_its_dead_letter_logs_the_same_fields(
     assert (failed["message_id"], failed["delivery_attempt"]) == ("m-dead", 5)
     assert "dead-lettered after 5 attempts" in failed["error_message"]
     assert (failed["run_type"], failed["total_tokens"], failed["cost_usd"]) == ("initial", 0, 0.0)
+
+
+async def test_debug_mode_shows_statements_calls_and_summaries_but_no_text_or_secret(
+    make_settings: Callable[..., Settings],
+    llm: FakeOpenAI,
+    production_logs: Callable[[], list[dict[str, Any]]],
+) -> None:
+    idea = "A lending shelf for power tools kept in the lobby."
+    settings = make_settings(openai_api_key="sk-debug-secret", log_level="DEBUG")
+    async with running_app(settings) as (app, client):
+        configure_logging(True, "DEBUG", "my-project")
+        run = await services_of(app).store.create_run(idea, {"budget": "tiny-secret-context"})
+        assert (await push(client, {"run_id": run.id}, "msg-debug-1")).status_code == 204
+    lines = [line for line in production_logs() if line["severity"] == "DEBUG"]
+
+    statements = [line["message"] for line in lines if line["message"].startswith("sql: ")]
+    assert any("UPDATE runs SET" in s for s in statements)
+    assert any("INSERT INTO persona_reviews" in s for s in statements)
+    requests = [line for line in lines if line["message"] == "llm request"]
+    assert {line["step"] for line in requests} == set(STEP_NAMES) - {AGGREGATE_STEP}
+    assert all(line["model"] == "gpt-5.1" and line["input_chars"] > 0 for line in requests)
+    responses = [line for line in lines if line["message"] == "llm response"]
+    assert len(responses) == 6 and all(line["output_tokens"] == 50 for line in responses)
+    [summary] = [line for line in lines if line["message"] == "push message"]
+    assert summary["message_id"] == "msg-debug-1" and summary["data_bytes"] > 0
+    # Statements without their parameters, metadata without the prompt: nothing of the idea,
+    # the context, the proposal or the key.
+    text = json.dumps(lines)
+    for secret in ("sk-debug-secret", "power tools", "tiny-secret-context", "household"):
+        assert secret not in text

@@ -100,6 +100,16 @@ class OpenAIProvider:
 
     async def generate(self, request: LLMRequest[T]) -> LLMResult[T]:
         retryable = LLMErrorKind.RETRYABLE
+        # Metadata only: the instructions and the input (the user's idea) stay out of the log.
+        logger.debug(
+            "llm request",
+            step=request.step,
+            model=request.model,
+            temperature=request.temperature,
+            client_request_id=request.client_request_id,
+            input_chars=len(request.input),
+            output_type=request.output_type.__name__,
+        )
         try:
             raw = await self._client.responses.with_raw_response.parse(
                 model=request.model,
@@ -141,7 +151,17 @@ class OpenAIProvider:
                 retryable,
                 usage=usage,
             ) from exc
-        return LLMResult(output=output, usage=usage, model=str(body.get("model", request.model)))
+        model = str(body.get("model", request.model))
+        logger.debug(
+            "llm response",
+            step=request.step,
+            model=model,
+            client_request_id=request.client_request_id,
+            response_id=body.get("id"),
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+        )
+        return LLMResult(output=output, usage=usage, model=model)
 
 
 def _output_text(body: dict[str, Any]) -> str | None:

@@ -33,7 +33,24 @@ class CloudSQLConnector(Protocol):
 
 
 def build_engine(settings: Settings, connector: CloudSQLConnector | None = None) -> AsyncEngine:
-    """The async engine for the configured database; `connector` is set for Cloud SQL."""
+    """The async engine for the configured database; `connector` is set for Cloud SQL.
+
+    With LOG_LEVEL=DEBUG every statement is logged, without its parameters (they hold ideas,
+    proposals and reviews).
+    """
+    engine = _engine(settings, connector)
+    if settings.log_level == "DEBUG":
+        event.listen(engine.sync_engine, "before_cursor_execute", _log_statement)
+    return engine
+
+
+def _log_statement(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    logger.debug("sql: {}", " ".join(statement.split())[:1000])
+
+
+def _engine(settings: Settings, connector: CloudSQLConnector | None) -> AsyncEngine:
     url = settings.sqlalchemy_url
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
