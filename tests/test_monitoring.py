@@ -1109,15 +1109,14 @@ def _setup_gcp_subscriptions(gcloud: StatefulGcloud, *args: str) -> dict[str, st
         FAKE_MISSING_SUBSCRIPTIONS="*",
     )
     assert result.returncode == 0, result.stderr
-    created = {}
+    endpoints = {}  # subscription -> its push endpoint (None: a pull subscription)
     for line in result.stdout.splitlines():
         if line.startswith("[dry-run] gcloud pubsub subscriptions create "):
             call = shlex.split(line)[1:]
-            created[call[4]] = (_flag(call, "topic"), _flag(call, "push-endpoint"))
-    jobs, high = [
-        name for name, (_, endpoint) in created.items() if endpoint == "https://x/pubsub/push"
-    ]
-    (dlq,) = [name for name, (_, endpoint) in created.items() if endpoint is None]
+            endpoints[call[4]] = _flag(call, "push-endpoint")
+    # setup_gcp.sh makes the jobs subscription before the high-priority one.
+    jobs, high = [name for name, url in endpoints.items() if url == "https://x/pubsub/push"]
+    (dlq,) = [name for name, url in endpoints.items() if url is None]
     return {"SUBSCRIPTION": jobs, "HIGH_SUBSCRIPTION": high, "DLQ_SUBSCRIPTION": dlq}
 
 
