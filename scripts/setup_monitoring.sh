@@ -232,19 +232,22 @@ EXISTING_POLICIES="$(gcloud alpha monitoring policies list \
 # Every file is rendered and matched first, so that two policies with one name stop the script
 # before it changes any.
 POLICY_FILES=()
+POLICY_DISPLAY_NAMES=()
 POLICY_NAMES=()
 for file in "$MONITORING"/policies/*.yaml; do
     rendered="$WORK/policy-$(basename "$file")"
     render "$file" "$rendered"
     display="$(display_name "$rendered")"
     POLICY_FILES+=("$rendered")
+    POLICY_DISPLAY_NAMES+=("$display")
     POLICY_NAMES+=("$(named "$EXISTING_POLICIES" "$display" "alert policies")") || exit 1
 done
 for i in "${!POLICY_FILES[@]}"; do
     rendered="${POLICY_FILES[$i]}"
+    display="${POLICY_DISPLAY_NAMES[$i]}"
     found="${POLICY_NAMES[$i]}"
     if [[ -n "$found" ]]; then
-        echo "    '$(display_name "$rendered")' exists: replacing $found"
+        echo "    '$display' exists: replacing $found"
         flags=("$found" --policy-from-file="$rendered" "${P[@]}")
         if [[ -n "$CHANNEL_LIST" ]]; then
             flags+=(--set-notification-channels="$CHANNEL_LIST")
@@ -253,7 +256,7 @@ for i in "${!POLICY_FILES[@]}"; do
         fi
         run_retry gcloud alpha monitoring policies update "${flags[@]}"
     else
-        echo "    creating '$(display_name "$rendered")'"
+        echo "    creating '$display'"
         flags=(--policy-from-file="$rendered" "${P[@]}")
         [[ -z "$CHANNEL_LIST" ]] || flags+=(--notification-channels="$CHANNEL_LIST")
         run_retry gcloud alpha monitoring policies create "${flags[@]}"
