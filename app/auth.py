@@ -3,7 +3,8 @@
 `build_authenticator` picks the push mode from `PUSH_AUTH`:
 
 - `oidc`: the app verifies Google's signed OIDC token itself, with certificates cached in memory;
-- `cloud-run-iam`: Cloud Run verified the token already, the app only pins the service account;
+- `cloud-run-iam`: Cloud Run verified the token already, the app only pins the service account,
+  read from the header Cloud Run verified (`X-Serverless-Authorization` when present);
 - `none`: development only, everything is accepted.
 
 `build_api_authenticator` does the same for `/v1` from `API_AUTH` (`oidc` or `none`): with
@@ -55,6 +56,10 @@ VERIFIED_TOKENS_MAX = 1024
 # Google's ID tokens are about 1 KB; anything far larger is not worth decoding.
 MAX_TOKEN_CHARS = 8192
 
+AUTHORIZATION = "authorization"
+# Cloud Run verifies this header instead of Authorization when both are present.
+SERVERLESS_AUTHORIZATION = "x-serverless-authorization"
+
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
 
 AuthCode = Literal["unauthorized", "forbidden", "auth_unavailable"]
@@ -76,7 +81,11 @@ def _unauthorized(message: str = "invalid bearer token") -> AuthError:
 
 
 class Authenticator(Protocol):
-    """Checks the `Authorization` header of one request."""
+    """Checks the credentials of one request."""
+
+    async def verify_request(self, headers: Mapping[str, str]) -> str | None:
+        """Verify the header this mode trusts; callers pass all headers, never pick one."""
+        ...
 
     async def verify(self, authorization: str | None) -> str | None:
         """Return the verified caller email (None when auth is off) or raise AuthError."""
@@ -117,6 +126,10 @@ def build_api_authenticator(settings: Settings) -> Authenticator:
 class NoAuthenticator:
     """`none`: accepts every request (settings refuse it where it would leave a hole)."""
 
+    async def verify_request(self, headers: Mapping[str, str]) -> str | None:
+        """Accept without looking at the headers."""
+        return None
+
     async def verify(self, authorization: str | None) -> str | None:
         """Accept without looking at the header."""
         return None
@@ -126,10 +139,21 @@ class NoAuthenticator:
 
 
 class CloudRunIamAuthenticator:
-    """`PUSH_AUTH=cloud-run-iam`: pins the caller's email from the already-verified token."""
+    """`PUSH_AUTH=cloud-run-iam`: pins the caller's email from the already-verified token.
+
+    When a request carries `X-Serverless-Authorization`, Cloud Run's invoker check verifies
+    that header and passes `Authorization` through untouched, unverified; so the identity is
+    read from `X-Serverless-Authorization` when present, else from `Authorization`, never
+    from the other one (anyone with run.invoker could otherwise pair their own valid token
+    with a forged push-account token).
+    """
 
     def __init__(self, service_accounts: Iterable[str]) -> None:
         self._allowed = _normalise_accounts(service_accounts)
+
+    async def verify_request(self, headers: Mapping[str, str]) -> str | None:
+        """Pin the email of the token in the header Cloud Run verified."""
+        return await self.verify(cloud_run_verified_authorization(headers))
 
     async def verify(self, authorization: str | None) -> str | None:
         """Return the token's email if it is on the allow-list (empty list: any email)."""
@@ -198,6 +222,10 @@ class OidcAuthenticator:
         self._last_fetch_failed = False
         self._inflight: asyncio.Task[_CertCache] | None = None
         self._verified: BoundedDict[str, _Verified] = BoundedDict(VERIFIED_TOKENS_MAX)
+
+    async def verify_request(self, headers: Mapping[str, str]) -> str | None:
+        """Verify `Authorization` (Cloud Run's invoker check is off in this mode)."""
+        return await self.verify(headers.get(AUTHORIZATION))
 
     async def verify(self, authorization: str | None) -> str | None:
         """Return the verified caller's email or raise AuthError."""
@@ -381,6 +409,16 @@ def _max_age(headers: Mapping[str, str], default: float) -> float:
     if age.strip().isdigit():
         max_age -= float(age)
     return min(max(max_age, 0.0), MAX_CERTS_MAX_AGE_SECONDS)
+
+
+def cloud_run_verified_authorization(headers: Mapping[str, str]) -> str | None:
+    """The header value Cloud Run's invoker check verified: `X-Serverless-Authorization` when
+    the request has one (then `Authorization` is the caller's own, unverified), else
+    `Authorization`. `headers` must look names up case-insensitively (Starlette's do)."""
+    serverless = headers.get(SERVERLESS_AUTHORIZATION)
+    if serverless is not None:
+        return serverless
+    return headers.get(AUTHORIZATION)
 
 
 def _bearer_token(authorization: str | None) -> str:

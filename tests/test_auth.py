@@ -895,6 +895,52 @@ async def test_dead_letters_and_the_sweep_are_guarded_like_pushes(
         assert (await client.post(path, content=body, headers=pusher)).status_code == accepted
 
 
+def _as_cloud_run_forwards(token: str) -> str:
+    # Cloud Run's invoker check replaces the signature of the header it verified.
+    header, payload, _ = token.split(".")
+    return f"{header}.{payload}.SIGNATURE_REMOVED_BY_GOOGLE"
+
+
+@pytest.mark.parametrize("stripped", [False, True], ids=["as-signed", "signature-removed"])
+@pytest.mark.parametrize("path", ["/pubsub/push", "/pubsub/dead-letter", "/tasks/sweep"])
+async def test_cloud_run_iam_reads_only_the_header_cloud_run_verified(
+    make_settings: Callable[..., Settings],
+    llm: FakeOpenAI,
+    key: SigningKey,
+    other_key: SigningKey,
+    path: str,
+    stripped: bool,
+) -> None:
+    """With X-Serverless-Authorization present Cloud Run verifies that header and passes
+    Authorization through untouched, so only the former names the caller."""
+    service_url = "https://consensus-engine.example.run.app"
+    invoker = "api-caller@project.iam.gserviceaccount.com"
+    settings = make_settings(push_auth="cloud-run-iam", push_service_accounts=PUSHER)
+
+    def verified(token: str) -> str:
+        return _bearer(_as_cloud_run_forwards(token) if stripped else token)
+
+    # An invoker's valid token (what Cloud Run checked) and a push-account token it forged.
+    invoker_token = _sign(key, email=invoker, aud=service_url)
+    forged_pusher_token = _sign(other_key, email=PUSHER, aud=service_url)
+    forged = {
+        "x-serverless-authorization": verified(invoker_token),
+        "authorization": _bearer(forged_pusher_token),
+    }
+    genuine = {
+        "x-serverless-authorization": verified(_sign(key, aud=service_url)),
+        "authorization": "Bearer junk",
+    }
+    body = encode_wrapped({"idea": "A seed library."}, "m-forged", "projects/p/subscriptions/s")
+    async with running_app(settings) as (_, client):
+        refused = await client.post(path, content=body, headers=forged)
+        assert refused.status_code == 403
+        assert refused.json()["code"] == "forbidden"
+        assert llm.calls() == []
+        accepted = await client.post(path, content=body, headers=genuine)
+        assert accepted.status_code < 300
+
+
 async def test_a_verified_token_is_remembered_until_it_expires(
     oidc: OidcAuthenticator, key: SigningKey, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -57,7 +57,7 @@ async def require_api_caller(request: Request) -> str | None:
     """Guard for `/v1`: the caller's verified email, or 401/403/503 in the error shape."""
     services = get_services(request)
     try:
-        return await services.api_authenticator.verify(request.headers.get("authorization"))
+        return await services.api_authenticator.verify_request(request.headers)
     except AuthError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
 

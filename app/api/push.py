@@ -53,7 +53,7 @@ async def pubsub_dead_letter(request: Request, services: ReadyServicesDep) -> Re
 
 async def _deliver(request: Request, services: Services, handle: Handler) -> Response:
     try:
-        email = await services.authenticator.verify(request.headers.get("authorization"))
+        email = await services.authenticator.verify_request(request.headers)
     except AuthError as exc:
         logger.warning("push delivery refused: {}", exc.message, status=exc.status)
         return error_response(exc.status, exc.code, exc.message)

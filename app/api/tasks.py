@@ -37,7 +37,7 @@ class SweepResult(BaseModel):
 async def sweep(request: Request, services: ReadyServicesDep) -> SweepResult:
     """Fail timed-out runs, re-enqueue stale ones, publish what the queue never accepted."""
     try:
-        await services.authenticator.verify(request.headers.get("authorization"))
+        await services.authenticator.verify_request(request.headers)
     except AuthError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
     report = await services.sweeper.sweep_once()
