@@ -115,8 +115,14 @@ def build_authenticator(settings: Settings) -> Authenticator:
 def build_api_authenticator(settings: Settings) -> Authenticator:
     """The authenticator for the `/v1` API (`settings.effective_api_auth`)."""
     if settings.effective_api_auth == "oidc":
+        if settings.api_allow_gcloud_audience:
+            logger.warning(
+                "API_ALLOW_GCLOUD_AUDIENCE=true: /v1 accepts ID tokens minted for gcloud's shared "
+                "client id, so a token an allowed caller minted for any other purpose works here "
+                "too; prefer API_AUDIENCES with this service's URL or a custom audience"
+            )
         return OidcAuthenticator(
-            audience=settings.api_audiences,
+            audience=settings.effective_api_audiences,
             service_accounts=settings.api_allowed_principals,
             certs_url=settings.push_oidc_certs_url,
         )

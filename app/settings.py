@@ -22,7 +22,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from app.domain.pricing import DEFAULT_PRICES, ModelPrice
 
 GOOGLE_V1_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
-# The `aud` of `gcloud auth print-identity-token` for a user account (gcloud's OAuth client).
+# The `aud` of `gcloud auth print-identity-token` for a user account (gcloud's OAuth client):
+# shared by every service, so a token minted for anything else would be replayable on /v1.
 GCLOUD_CLI_AUDIENCE = "32555940559.apps.googleusercontent.com"
 EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///./consensus_engine.db"
 # scheme://host[:port], what a browser sends as Origin.
@@ -127,9 +128,11 @@ class Settings(BaseSettings):
 
     # The /v1 API
     api_auth: Literal["oidc", "none"] | None = None
-    api_audiences: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: [GCLOUD_CLI_AUDIENCE]
-    )
+    # Accepted `aud` of /v1 ID tokens: this service's own (its URL or a custom audience).
+    api_audiences: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Also accept gcloud's shared client id (GCLOUD_CLI_AUDIENCE): convenient for user accounts,
+    # but any token an allowed person minted for any other purpose then works here too.
+    api_allow_gcloud_audience: bool = False
     api_allowed_principals: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Browser origins allowed to call the API (e.g. the reference web app served elsewhere).
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -235,9 +238,23 @@ class Settings(BaseSettings):
                     "API_AUTH=oidc needs API_ALLOWED_PRINCIPALS (else any Google account could "
                     "call the API)"
                 )
-            if not self.api_audiences:
-                raise ValueError("API_AUTH=oidc needs API_AUDIENCES")
+            self._check_api_audiences()
         return self
+
+    def _check_api_audiences(self) -> None:
+        if GCLOUD_CLI_AUDIENCE in self.api_audiences and not self.api_allow_gcloud_audience:
+            raise ValueError(
+                f"API_AUDIENCES holds gcloud's shared client id {GCLOUD_CLI_AUDIENCE}, so tokens "
+                "minted for any other service would work here: list only this service's URL "
+                "or custom audience, or set API_ALLOW_GCLOUD_AUDIENCE=true to accept that"
+            )
+        if not self.effective_api_audiences:
+            prefix = "ENV=production with " if self.env == "production" else ""
+            raise ValueError(
+                f"{prefix}API_AUTH=oidc needs API_AUDIENCES: the service URL "
+                "(https://SERVICE-PROJECT_NUMBER.REGION.run.app) or a custom audience that "
+                "/v1 callers mint their ID tokens for"
+            )
 
     def _check_production(self) -> None:
         if self.effective_llm_provider == "offline":
@@ -276,6 +293,14 @@ class Settings(BaseSettings):
             return self.api_auth
         # Behind Cloud Run IAM (cloud-run-iam) the API is already guarded; in oidc mode it is not.
         return "oidc" if self.env == "production" and self.effective_push_auth == "oidc" else "none"
+
+    @property
+    def effective_api_audiences(self) -> list[str]:
+        """The `aud` values /v1 accepts: API_AUDIENCES, plus gcloud's only when opted in."""
+        audiences = list(self.api_audiences)
+        if self.api_allow_gcloud_audience and GCLOUD_CLI_AUDIENCE not in audiences:
+            audiences.append(GCLOUD_CLI_AUDIENCE)
+        return audiences
 
     @property
     def effective_push_deadline_seconds(self) -> float:

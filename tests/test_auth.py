@@ -32,6 +32,7 @@ from app.auth import (
     CloudRunIamAuthenticator,
     NoAuthenticator,
     OidcAuthenticator,
+    build_api_authenticator,
     build_authenticator,
 )
 from app.push.envelope import encode_wrapped
@@ -43,6 +44,9 @@ AUDIENCE = "https://consensus-engine.example.run.app/push"
 PUSHER = "pubsub-pusher@project.iam.gserviceaccount.com"
 OTHER = "someone-else@project.iam.gserviceaccount.com"
 KID = "key-1"
+SERVICE_URL = "https://consensus-engine-123456789.europe-west1.run.app"
+# The `aud` of `gcloud auth print-identity-token` without --audiences (gcloud's OAuth client).
+GCLOUD_AUDIENCE = "32555940559.apps.googleusercontent.com"
 MAX_AGE = 120
 
 
@@ -822,19 +826,18 @@ async def test_api_requires_an_allowed_caller(
     llm: FakeOpenAI,
 ) -> None:
     operator = "ops@example.com"
-    gcloud_audience = "32555940559.apps.googleusercontent.com"
     settings = make_settings(
         api_auth="oidc",
         api_allowed_principals=operator,
+        api_audiences=SERVICE_URL,
         push_oidc_certs_url=certs_server.url,
     )
-    assert settings.api_audiences == [gcloud_audience]
     async with running_app(settings) as (_, client):
         anonymous = await client.get("/v1/runs")
         assert anonymous.status_code == 401
         assert anonymous.json()["code"] == "unauthorized"
 
-        stranger = _bearer(_sign(key, email=OTHER, aud=gcloud_audience))
+        stranger = _bearer(_sign(key, email=OTHER, aud=SERVICE_URL))
         refused = await client.get("/v1/runs", headers={"authorization": stranger})
         assert refused.status_code == 403
 
@@ -843,7 +846,7 @@ async def test_api_requires_an_allowed_caller(
             await client.get("/v1/runs", headers={"authorization": wrong_audience})
         ).status_code == 401
 
-        allowed = {"authorization": _bearer(_sign(key, email=operator, aud=gcloud_audience))}
+        allowed = {"authorization": _bearer(_sign(key, email=operator, aud=SERVICE_URL))}
         assert (await client.get("/v1/runs", headers=allowed)).status_code == 200
         submitted = await client.post("/v1/full-review", json={"idea": "An idea."}, headers=allowed)
         assert submitted.status_code == 202
@@ -853,6 +856,78 @@ async def test_api_requires_an_allowed_caller(
         assert (await client.get("/ready")).status_code == 200
         body = encode_wrapped({"idea": "Another idea."}, "api-1", "projects/p/subscriptions/s")
         assert (await client.post("/pubsub/push", content=body)).status_code == 204
+
+
+@pytest.mark.parametrize(
+    "audience",
+    [GCLOUD_AUDIENCE, "https://another-service-987.europe-west1.run.app", "another-custom-aud"],
+)
+async def test_api_refuses_a_token_minted_for_another_audience(
+    make_settings: Callable[..., Settings],
+    certs_server: CertsServer,
+    key: SigningKey,
+    llm: FakeOpenAI,
+    audience: str,
+) -> None:
+    """A token an allowed person minted for anything else (gcloud's shared client id
+    included) is not replayable here: only the service's own audience is accepted."""
+    operator = "ops@example.com"
+    settings = make_settings(
+        api_auth="oidc",
+        api_allowed_principals=operator,
+        api_audiences=SERVICE_URL,
+        push_oidc_certs_url=certs_server.url,
+    )
+    async with running_app(settings) as (_, client):
+        elsewhere = {"authorization": _bearer(_sign(key, email=operator, aud=audience))}
+        refused = await client.get("/v1/runs", headers=elsewhere)
+        assert refused.status_code == 401
+        assert refused.json()["code"] == "unauthorized"
+        mine = {"authorization": _bearer(_sign(key, email=operator, aud=SERVICE_URL))}
+        assert (await client.get("/v1/runs", headers=mine)).status_code == 200
+
+
+async def test_api_accepts_gcloud_s_audience_only_when_opted_in(
+    make_settings: Callable[..., Settings],
+    certs_server: CertsServer,
+    key: SigningKey,
+    llm: FakeOpenAI,
+) -> None:
+    operator = "ops@example.com"
+    settings = make_settings(
+        api_auth="oidc",
+        api_allowed_principals=operator,
+        api_audiences=SERVICE_URL,
+        api_allow_gcloud_audience=True,
+        push_oidc_certs_url=certs_server.url,
+    )
+    async with running_app(settings) as (_, client):
+        gcloud = {"authorization": _bearer(_sign(key, email=operator, aud=GCLOUD_AUDIENCE))}
+        assert (await client.get("/v1/runs", headers=gcloud)).status_code == 200
+        mine = {"authorization": _bearer(_sign(key, email=operator, aud=SERVICE_URL))}
+        assert (await client.get("/v1/runs", headers=mine)).status_code == 200
+
+
+@pytest.mark.parametrize("opted_in", [False, True])
+async def test_the_gcloud_audience_opt_in_warns_when_the_api_authenticator_is_built(
+    opted_in: bool,
+) -> None:
+    settings = _settings(
+        api_auth="oidc",
+        api_allowed_principals="ops@example.com",
+        api_audiences=SERVICE_URL,
+        api_allow_gcloud_audience=opted_in,
+    )
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="WARNING", format="{level} {message}")
+    try:
+        authenticator = build_api_authenticator(settings)  # what the app's start-up calls
+        await authenticator.aclose()
+    finally:
+        logger.remove(sink)
+    warned = [line for line in lines if "API_ALLOW_GCLOUD_AUDIENCE" in line]
+    assert len(warned) == (1 if opted_in else 0)
+    assert all(line.startswith("WARNING") for line in warned)
 
 
 def test_api_oidc_without_principals_is_refused() -> None:
@@ -873,7 +948,12 @@ def test_production_guards_the_api_when_push_auth_is_oidc() -> None:
         Settings(_env_file=None, **production)
     with pytest.raises(ValueError, match="needs API_AUTH=oidc"):
         Settings(_env_file=None, api_auth="none", **production)
-    guarded = Settings(_env_file=None, api_allowed_principals="ops@example.com", **production)
+    guarded = Settings(
+        _env_file=None,
+        api_allowed_principals="ops@example.com",
+        api_audiences=SERVICE_URL,
+        **production,
+    )
     assert guarded.effective_api_auth == "oidc"
     behind_iam = Settings(_env_file=None, **{**production, "push_auth": "cloud-run-iam"})
     assert behind_iam.effective_api_auth == "none"

@@ -152,3 +152,73 @@ def test_invalid_prices_and_budgets_are_refused(values: dict[str, Any], needle: 
     with pytest.raises(ValidationError) as info:
         settings(**values)
     assert needle in describe_error(info.value)
+
+
+# --- /v1 token audiences (issue 12, point 2) ------------------------------------------------
+
+GCLOUD_AUDIENCE = "32555940559.apps.googleusercontent.com"
+SERVICE_URL = "https://consensus-engine-123456789.europe-west1.run.app"
+
+
+def _production_api(**values: Any) -> dict[str, Any]:
+    """Production with PUSH_AUTH=oidc, so the app guards /v1 itself (API_AUTH=oidc)."""
+    return {
+        "env": "production",
+        "openai_api_key": "sk-x",
+        "database_url": "postgresql://db/x",
+        "pubsub_project_id": "p",
+        "push_audience": "consensus-engine-pubsub-push",
+        "push_service_accounts": "pusher@p.iam.gserviceaccount.com",
+        "api_allowed_principals": "ops@example.com",
+        **values,
+    }
+
+
+def test_production_api_without_a_service_audience_is_refused() -> None:
+    with pytest.raises(ValidationError) as info:
+        settings(**_production_api())
+    line = describe_error(info.value)
+    assert "API_AUDIENCES" in line and "service URL" in line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize("env", ["production", "development"])
+def test_gcloud_client_id_alone_is_refused_unless_opted_in(env: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        settings(**_production_api(env=env, api_auth="oidc", api_audiences=GCLOUD_AUDIENCE))
+    assert "API_ALLOW_GCLOUD_AUDIENCE" in describe_error(info.value)
+    opted_in = settings(**_production_api(env=env, api_auth="oidc", api_allow_gcloud_audience=True))
+    assert opted_in.effective_api_audiences == [GCLOUD_AUDIENCE]
+
+
+def test_a_service_audience_is_accepted_without_gcloud_s() -> None:
+    service = settings(**_production_api(api_audiences=SERVICE_URL))
+    assert service.effective_api_audiences == [SERVICE_URL]
+    both = settings(
+        **_production_api(
+            api_audiences=f"{SERVICE_URL},{GCLOUD_AUDIENCE}", api_allow_gcloud_audience=True
+        )
+    )
+    assert both.effective_api_audiences == [SERVICE_URL, GCLOUD_AUDIENCE]
+
+
+def test_behind_cloud_run_iam_the_app_needs_no_api_audience() -> None:
+    # API_AUTH=none there: Cloud Run's invoker check judges the token's audience.
+    behind_iam = settings(**_production_api(push_auth="cloud-run-iam"))
+    assert behind_iam.effective_api_auth == "none"
+
+
+def test_production_without_a_service_audience_stops_startup_with_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("API_", "PUSH_", "DATABASE"))}
+    env.update({key.upper(): str(value) for key, value in _production_api().items()})
+    result = subprocess.run(
+        [sys.executable, "-c", "import app.main as m; m.app"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "API_AUDIENCES" in lines[0]
