@@ -140,7 +140,13 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
             # No queue redelivers on the embedded default: pick up what a previous process left.
             for run in await recovery.unfinished_runs(limit=1000):
                 await publisher.publish(queued(run))
-        sweeping = asyncio.create_task(sweeper.run_forever(settings.sweep_interval_seconds))
+        # The in-process timer is off (0) on Cloud Run, where CPU is throttled outside requests
+        # and Cloud Scheduler's POST /tasks/sweep triggers every round instead.
+        sweeping = (
+            asyncio.create_task(sweeper.run_forever(settings.sweep_interval_seconds))
+            if settings.sweep_interval_seconds > 0
+            else None
+        )
         app.state.services = services
         restore_signals = _on_shutdown_signal(runner.begin_shutdown)
         logger.info(
@@ -156,8 +162,9 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
         finally:
             restore_signals()
             runner.begin_shutdown()
-            sweeping.cancel()
-            await asyncio.gather(sweeping, return_exceptions=True)
+            if sweeping is not None:
+                sweeping.cancel()
+                await asyncio.gather(sweeping, return_exceptions=True)
             await publisher.aclose()
             await services.authenticator.aclose()
             await services.api_authenticator.aclose()

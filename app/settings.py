@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     db_instance_connection_name: str | None = None
     db_iam_auth: bool = False
     use_cloud_sql_connector: bool = False
+    # Which of the instance's addresses the connector dials: public, private (needs VPC egress
+    # from Cloud Run, infra/cloudrun/service.yaml) or psc (Private Service Connect).
+    db_ip_type: Literal["public", "private", "psc"] = "public"
     db_pool_size: int = Field(10, ge=1, le=100)
     db_max_overflow: int = Field(0, ge=0, le=100)
     db_pool_timeout_seconds: float = Field(10.0, gt=0.0, le=300.0)
@@ -107,7 +110,9 @@ class Settings(BaseSettings):
     pubsub_dlq_subscription: str = "consensus-engine-jobs-dlq-sub"
 
     # Recovery: the sweep republishes, re-enqueues and times out runs nobody is working on
-    sweep_interval_seconds: float = Field(60.0, gt=0.0, le=3600.0)
+    # The in-process timer; 0 turns it off. On Cloud Run (request-based CPU) it is 0 in
+    # infra/cloudrun/service.yaml: Cloud Scheduler's POST /tasks/sweep is the one trigger there.
+    sweep_interval_seconds: float = Field(60.0, ge=0.0, le=3600.0)
     run_stale_seconds: float = Field(120.0, ge=1.0, le=86400.0)
 
     # Execution

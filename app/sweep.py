@@ -10,9 +10,10 @@ clock, so instances may sweep at the same time:
    the budget's next UTC day has begun, and its job timeout counts from then;
 3. publishes runs the queue never accepted (the outbox).
 
-On Cloud Run the round is triggered by Cloud Scheduler through `POST /tasks/sweep`, because a
-request-based instance gets CPU only inside requests (and none exists when scaled to zero); the
-in-process timer (`SWEEP_INTERVAL_SECONDS`) serves the embedded default and busy instances.
+On Cloud Run the round is triggered only by Cloud Scheduler through `POST /tasks/sweep`, because
+a request-based instance gets CPU only inside requests (and none exists when scaled to zero):
+the manifest sets `SWEEP_INTERVAL_SECONDS=0`, which turns the in-process timer off. The timer
+(every 60 s by default) serves the embedded default, where no scheduler exists.
 """
 
 from __future__ import annotations

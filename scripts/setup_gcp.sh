@@ -25,7 +25,9 @@ Creates, or brings up to date, everything the push receiver needs around it:
     on the push identity, publisher on the dead-letter topic, subscriber on both push
     subscriptions; push identity -> run.invoker (cloud-run-iam mode only; it covers the
     sweep job too)
-  - Cloud SQL (when the instance exists): the receiver's IAM database user and the database
+  - Cloud SQL (when the instance exists): the receiver's IAM database user and the database;
+    warns when the database flags cloudsql.iam_authentication=on or max_connections (at
+    least --max-connections, the connection budget in infra/cloudrun/README.md) are missing
 
 Every step checks what exists first (describe before create, update when it exists);
 IAM bindings are added idempotently. Safe to run again at any time.
@@ -69,6 +71,9 @@ Options (environment variable in brackets; flags win over the environment):
   --repository NAME        Artifact Registry repository [AR_REPOSITORY; consensus-engine]
   --sql-instance NAME      Cloud SQL instance name [SQL_INSTANCE; consensus-engine-db]
   --db-name NAME           database [DB_NAME; consensus_engine]
+  --max-connections N      the instance's max_connections flag must be at least this
+                           [MAX_CONNECTIONS; 150]: 5 instances x pool 10 x 2 revisions
+                           during a rollout + migration + admin = 114 (infra/cloudrun/README.md)
   --ack-deadline SECONDS   ack deadline [ACK_DEADLINE; 600] (= WORKER_ACK_DEADLINE_SECONDS)
   --min-retry-delay DUR    [MIN_RETRY_DELAY; 10s]
   --max-retry-delay DUR    [MAX_RETRY_DELAY; 600s]
@@ -100,6 +105,7 @@ OPENAI_SECRET="${OPENAI_SECRET:-openai-api-key}"
 AR_REPOSITORY="${AR_REPOSITORY:-consensus-engine}"
 SQL_INSTANCE="${SQL_INSTANCE:-consensus-engine-db}"
 DB_NAME="${DB_NAME:-consensus_engine}"
+MAX_CONNECTIONS="${MAX_CONNECTIONS:-150}"
 ACK_DEADLINE="${ACK_DEADLINE:-600}"
 MIN_RETRY_DELAY="${MIN_RETRY_DELAY:-10s}"
 MAX_RETRY_DELAY="${MAX_RETRY_DELAY:-600s}"
@@ -143,6 +149,7 @@ while [[ $# -gt 0 ]]; do
         --repository) need_value "$@"; AR_REPOSITORY="$2"; shift 2 ;;
         --sql-instance) need_value "$@"; SQL_INSTANCE="$2"; shift 2 ;;
         --db-name) need_value "$@"; DB_NAME="$2"; shift 2 ;;
+        --max-connections) need_value "$@"; MAX_CONNECTIONS="$2"; shift 2 ;;
         --ack-deadline) need_value "$@"; ACK_DEADLINE="$2"; shift 2 ;;
         --min-retry-delay) need_value "$@"; MIN_RETRY_DELAY="$2"; shift 2 ;;
         --max-retry-delay) need_value "$@"; MAX_RETRY_DELAY="$2"; shift 2 ;;
@@ -158,6 +165,9 @@ case "$PUSH_AUTH" in
 esac
 if ! [[ "$ACK_DEADLINE" =~ ^[0-9]+$ ]] || ((ACK_DEADLINE < 10 || ACK_DEADLINE > 600)); then
     die "--ack-deadline must be 10..600 seconds"
+fi
+if ! [[ "$MAX_CONNECTIONS" =~ ^[0-9]+$ ]] || ((MAX_CONNECTIONS < 1)); then
+    die "--max-connections must be a positive number"
 fi
 # The service's default for PUBSUB_HIGH_PRIORITY_TOPIC (app/settings.py), so the manifest
 # need not set it.
@@ -327,12 +337,22 @@ if exists gcloud sql instances describe "$SQL_INSTANCE"; then
     else
         run gcloud sql databases create "$DB_NAME" --instance="$SQL_INSTANCE" "${P[@]}"
     fi
-    if ! gcloud sql instances describe "$SQL_INSTANCE" --flatten=settings.databaseFlags \
+    DB_FLAGS="$(gcloud sql instances describe "$SQL_INSTANCE" --flatten=settings.databaseFlags \
         --format='value(settings.databaseFlags.name,settings.databaseFlags.value)' \
-        "${P[@]}" 2>/dev/null | grep -q '^cloudsql.iam_authentication[[:space:]]on$'; then
-        # Not patched from here: setting database flags replaces them all and restarts.
+        "${P[@]}" 2>/dev/null || true)"
+    # Not patched from here: setting database flags replaces them all and restarts.
+    if ! grep -q '^cloudsql.iam_authentication[[:space:]]on$' <<<"$DB_FLAGS"; then
         echo "    WARNING: IAM database authentication is off; set the database flag"
         echo "    cloudsql.iam_authentication=on on $SQL_INSTANCE (infra/cloudrun/README.md)"
+    fi
+    CURRENT_MAX_CONNECTIONS="$(awk '$1 == "max_connections" {print $2}' <<<"$DB_FLAGS")"
+    if [[ ! "$CURRENT_MAX_CONNECTIONS" =~ ^[0-9]+$ ]] \
+        || ((CURRENT_MAX_CONNECTIONS < MAX_CONNECTIONS)); then
+        echo "    WARNING: max_connections is ${CURRENT_MAX_CONNECTIONS:-the tier default}, below"
+        echo "    the connection budget; set the database flag max_connections=$MAX_CONNECTIONS"
+        echo "    on $SQL_INSTANCE, keeping the others (infra/cloudrun/README.md), e.g."
+        echo "    gcloud sql instances patch $SQL_INSTANCE" \
+            "--database-flags=cloudsql.iam_authentication=on,max_connections=$MAX_CONNECTIONS"
     fi
     echo "    grant $DB_USER rights in $DB_NAME once (infra/cloudrun/README.md, 'Database')"
 else

@@ -206,10 +206,11 @@ def test_openai_key_comes_from_secret_manager(manifest: Json) -> None:
     assert ref["name"] and ref["key"] == "latest"
 
 
-def test_cloud_sql_instance_is_mounted_and_configured(manifest: Json) -> None:
+def test_cloud_sql_instance_is_configured_for_the_connector(manifest: Json) -> None:
     env = _env_values(manifest)
-    annotation = _revision_annotations(manifest)["run.googleapis.com/cloudsql-instances"]
-    assert annotation == env["DB_INSTANCE_CONNECTION_NAME"]
+    # The connector dials the instance: no Cloud Run socket proxy (tests/test_cloudrun_runtime.py).
+    assert "run.googleapis.com/cloudsql-instances" not in _revision_annotations(manifest)
+    assert env["DB_INSTANCE_CONNECTION_NAME"]
     assert env["USE_CLOUD_SQL_CONNECTOR"] == "true"
     assert env["DB_IAM_AUTH"] == "true"
     assert env["ENV"] == "production"

@@ -70,6 +70,7 @@ async def test_cloud_sql_connector_mode(pg_url: str, iam: bool) -> None:
     expected: dict[str, Any] = {
         "user": config.db_user,
         "db": "consensus_engine",
+        "ip_type": "public",  # DB_IP_TYPE's default
         **connection_bounds(config),
     }
     expected.update({"enable_iam_auth": True} if iam else {"password": "s3cret"})

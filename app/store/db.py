@@ -73,7 +73,12 @@ def _engine(settings: Settings, connector: CloudSQLConnector | None) -> AsyncEng
         raise ValueError("USE_CLOUD_SQL_CONNECTOR=true needs a Cloud SQL connector")
     instance = settings.db_instance_connection_name
     assert instance is not None  # Settings guarantees it with the connector on
-    options: dict[str, Any] = {"user": settings.db_user, "db": settings.db_name, **bounds}
+    options: dict[str, Any] = {
+        "user": settings.db_user,
+        "db": settings.db_name,
+        "ip_type": settings.db_ip_type,
+        **bounds,
+    }
     if settings.db_iam_auth:
         options["enable_iam_auth"] = True
     elif settings.db_password is not None:
