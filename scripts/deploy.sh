@@ -55,6 +55,9 @@ Options (environment variable in brackets; flags win over the environment):
   --sql-instance NAME    Cloud SQL instance name [SQL_INSTANCE; consensus-engine-db]
   --instance-connection-name PROJECT:REGION:INSTANCE
                          [DB_INSTANCE_CONNECTION_NAME; PROJECT:REGION:<sql-instance>]
+                         The migration job dials it at DB_IP_TYPE (public | private | psc;
+                         default public): keep it equal to the manifest's DB_IP_TYPE; private
+                         and psc also need the job's VPC egress (--network/--subnet).
   --db-name NAME         database [DB_NAME; consensus_engine]
   --db-user USER         IAM database user [receiver service account email minus
                          .gserviceaccount.com]
@@ -100,6 +103,8 @@ IMAGE="${IMAGE:-}"
 IMAGE_TAG="${IMAGE_TAG:-}"
 SQL_INSTANCE="${SQL_INSTANCE:-consensus-engine-db}"
 DB_INSTANCE_CONNECTION_NAME="${DB_INSTANCE_CONNECTION_NAME:-}"
+# The migration job's address of the instance; keep it equal to the manifest's DB_IP_TYPE.
+DB_IP_TYPE="${DB_IP_TYPE:-public}"
 DB_NAME="${DB_NAME:-consensus_engine}"
 # Not read from the environment: a developer's DB_USER (e.g. postgres) is not the IAM user.
 DB_USER_OVERRIDE=""
@@ -358,9 +363,11 @@ API_AUTH: "$API_AUTH"
 API_AUDIENCES: "$API_AUDIENCES"
 API_ALLOW_GCLOUD_AUDIENCE: "$API_ALLOW_GCLOUD_AUDIENCE"
 API_ALLOWED_PRINCIPALS: "$API_ALLOWED_PRINCIPALS"
+DB_IP_TYPE: "$DB_IP_TYPE"
 EOF
+    # No --set-cloudsql-instances: alembic dials through the Python connector, like the service.
     gcloud run jobs deploy "${SERVICE_NAME}-migrate" --image="$IMAGE" --region="$REGION" \
-        --service-account="$RECEIVER_SA" --set-cloudsql-instances="$DB_INSTANCE_CONNECTION_NAME" \
+        --service-account="$RECEIVER_SA" \
         --env-vars-file="$WORK/migrate-env.yaml" \
         --set-secrets="OPENAI_API_KEY=${OPENAI_SECRET}:${OPENAI_SECRET_VERSION}" \
         --command=alembic --args=upgrade,head \

@@ -738,6 +738,8 @@ def test_deploy_builds_migrates_and_replaces(gcloud: FakeGcloud) -> None:
     (job,) = gcloud.find("run", "jobs", "deploy")
     assert _flag(job, "image") == image
     assert _flag(job, "command") == "alembic" and _flag(job, "args") == "upgrade,head"
+    # The connector dials Cloud SQL: no unused socket proxy for the job either.
+    assert not any(arg.startswith("--set-cloudsql-instances") for arg in job)
     replaced = _load(Path(f"{gcloud.log}.replaced.yaml").read_text())
     assert _container(replaced)["image"] == image
     assert _env_values(replaced)["API_ALLOWED_PRINCIPALS"] == "fake-project"
