@@ -185,6 +185,7 @@ async def test_push_with_unstorable_headers_is_quarantined_without_credentials(
     app, client = app_client
     headers = {
         "authorization": "Bearer secret",
+        "x-serverless-authorization": "Bearer other-secret",
         "x-goog-pubsub-message-id": "m\u0000",
         "x-nul": "a\u0000b",
         "x-long": "v" * 100_000,
@@ -192,6 +193,7 @@ async def test_push_with_unstorable_headers_is_quarantined_without_credentials(
     await assert_quarantined(app, client, job().encode(), headers)
     row = (await services_of(app).store.list_quarantined(1, 0))[0]
     assert "authorization" not in row.headers and row.message_id is None
+    assert "x-serverless-authorization" not in row.headers
     assert row.headers["x-nul"] == "a\ufffdb"
 
 

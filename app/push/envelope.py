@@ -283,15 +283,19 @@ def trace_carrier(attributes: Mapping[str, str]) -> dict[str, str]:
     return carrier
 
 
+_CREDENTIAL_HEADERS = frozenset({"authorization", "x-serverless-authorization"})
+
+
 def quarantine_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The request headers to keep with a quarantined message: storable as JSON, no credentials.
 
-    `authorization` is dropped; NUL and lone surrogates become U+FFFD and keys and values are
+    The credentials (`authorization`, and `x-serverless-authorization` that Cloud Run verifies
+    in its place) are dropped; NUL and lone surrogates become U+FFFD and keys and values are
     cut at MAX_HEADER_CHARS, at most MAX_HEADERS of them, so any request can be kept.
     """
     kept: dict[str, str] = {}
     for key, value in headers.items():
-        if key.lower() == "authorization":
+        if key.lower() in _CREDENTIAL_HEADERS:
             continue
         if len(kept) >= MAX_HEADERS:
             break
