@@ -27,13 +27,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from datetime import timedelta
 from typing import Any
 
 import httpx2
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import update
 
 import app.cost
 import app.main
@@ -41,8 +39,7 @@ from app.llm import openai_provider
 from app.logs import configure_logging
 from app.push.envelope import encode_wrapped
 from app.settings import Settings
-from app.store.tables import Run
-from tests.conftest import running_app, services_of
+from tests.conftest import queued_an_hour_ago, running_app, services_of
 from tests.fakes.openai_server import FakeOpenAI, Reply
 
 Json = dict[str, Any]
@@ -147,20 +144,12 @@ async def _scenario(service: FastAPI, client: httpx2.AsyncClient, fake: FakeOpen
         response = await client.post("/pubsub/push", content=body, headers=headers)
         return response.status_code
 
-    async def queued_an_hour_ago(run: Run) -> None:
-        async with services.engine.begin() as connection:
-            await connection.execute(
-                update(Run)
-                .where(Run.id == run.id)
-                .values(queued_at=run.queued_at - timedelta(hours=1))
-            )
-
     # Runs past the job timeout: the sweep fails one, a dead letter the other.
     stuck = await store.create_run("A seed library in the school hall.", None)
-    await queued_an_hour_ago(stuck)
+    await queued_an_hour_ago(service, stuck)
     assert (await services.sweeper.sweep_once()).timed_out == 1
     dead = await store.create_run("A repair café every other Saturday.", None)
-    await queued_an_hour_ago(dead)
+    await queued_an_hour_ago(service, dead)
     body = json.loads(encode_wrapped({"run_id": dead.id}, "m-dead", SUBSCRIPTION))
     body["message"]["attributes"] = {"CloudPubSubDeadLetterSourceDeliveryCount": "5"}
     answer = await client.post("/pubsub/dead-letter", content=json.dumps(body).encode())

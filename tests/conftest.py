@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import httpx2
 import pytest
 from alembic import command
 from fastapi import FastAPI
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.api.deps import Services
@@ -22,6 +24,7 @@ from app.main import create_app
 from app.settings import Settings
 from app.store.db import alembic_config, build_engine
 from app.store.runs import RunStore
+from app.store.tables import Run
 from tests.fakes.openai_server import FakeOpenAI
 from tests.procs import AppProcess
 
@@ -114,6 +117,14 @@ async def running_app(
 def services_of(app: FastAPI) -> Services:
     services: Services = app.state.services
     return services
+
+
+async def queued_an_hour_ago(app: FastAPI, run: Run) -> None:
+    """Move the run's queued_at an hour back: past a short job timeout, it is stuck."""
+    async with services_of(app).engine.begin() as connection:
+        await connection.execute(
+            update(Run).where(Run.id == run.id).values(queued_at=run.queued_at - timedelta(hours=1))
+        )
 
 
 @pytest.fixture

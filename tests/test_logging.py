@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from typing import Any
 
 import httpx2
 import pytest
 from loguru import logger
-from sqlalchemy import update
 
 from app.domain.personas import AGGREGATE_STEP, STEP_NAMES
 from app.logs import configure_logging, trace_context
 from app.main import create_app
 from app.push.envelope import encode_wrapped
 from app.settings import Settings
-from app.store.tables import Run
-from tests.conftest import running_app, services_of
+from tests.conftest import queued_an_hour_ago, running_app, services_of
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.test_push_pipeline import SUBSCRIPTION, push
 
@@ -254,12 +251,7 @@ async def test_a_run_failed_by_the_sweep_logs_the_same_fields(
         configure_logging(True, "DEBUG", "my-project")
         services = services_of(app)
         run = await services.store.create_run("A tool library.", None)
-        async with services.engine.begin() as connection:
-            await connection.execute(
-                update(Run)
-                .where(Run.id == run.id)
-                .values(queued_at=run.queued_at - timedelta(hours=1))
-            )
+        await queued_an_hour_ago(app, run)
         assert (await services.sweeper.sweep_once()).timed_out == 1
     [failed] = events_of(production_logs(), run.id, "job_failed")
     assert_fields(failed)
@@ -278,12 +270,7 @@ async def test_a_run_failed_by_its_dead_letter_logs_the_same_fields(
         configure_logging(True, "DEBUG", "my-project")
         services = services_of(app)
         run = await services.store.create_run("A tool library.", None)
-        async with services.engine.begin() as connection:
-            await connection.execute(
-                update(Run)
-                .where(Run.id == run.id)
-                .values(queued_at=run.queued_at - timedelta(hours=1))
-            )
+        await queued_an_hour_ago(app, run)
         body = json.loads(encode_wrapped({"run_id": run.id}, "m-dead", SUBSCRIPTION))
         body["message"]["attributes"] = {"CloudPubSubDeadLetterSourceDeliveryCount": "5"}
         answer = await client.post("/pubsub/dead-letter", content=json.dumps(body).encode())
