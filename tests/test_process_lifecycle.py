@@ -87,8 +87,8 @@ async def test_sigkill_mid_reviews_then_redelivery_resumes_from_checkpoints(
     for persona in SLOW_PERSONAS:
         assert len(llm.calls(f"review_{persona}")) == 2
         assert steps[f"review_{persona}"].attempts == 2
-    usage = (await store.usage_by_run([run.id]))[run.id]
-    assert usage.total_tokens == 6 * USAGE["total_tokens"]
+    totals = await store.run_totals(run.id)
+    assert totals is not None and totals.usage.total_tokens == 6 * USAGE["total_tokens"]
     assert result.delivery_count == 2
     assert len(result.reviews) == 5
     print(f"\nSIGKILL to completed after restart: {recovery:.2f}s")

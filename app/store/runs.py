@@ -248,26 +248,6 @@ class RunStore(Repository):
             )
             return result.scalars().all(), int(total or 0)
 
-    async def usage_by_run(self, run_ids: Sequence[str]) -> dict[str, TokenUsage]:
-        """Token usage summed over each run's steps."""
-        if not run_ids:
-            return {}
-        async with self._transaction() as session:
-            result = await session.execute(
-                select(
-                    StepProgress.run_id,
-                    func.sum(StepProgress.input_tokens),
-                    func.sum(StepProgress.output_tokens),
-                    func.sum(StepProgress.total_tokens),
-                )
-                .where(StepProgress.run_id.in_(run_ids))
-                .group_by(StepProgress.run_id)
-            )
-            return {
-                row[0]: TokenUsage(int(row[1] or 0), int(row[2] or 0), int(row[3] or 0))
-                for row in result.all()
-            }
-
     async def run_totals(self, run_id: str) -> RunTotals | None:
         """The run's type, priority, time so far, and tokens and cost over its steps."""
         steps = (
