@@ -10,6 +10,10 @@
 `build_api_authenticator` does the same for `/v1` from `API_AUTH` (`oidc` or `none`): with
 `PUSH_AUTH=oidc` Cloud Run's invoker check is off, so the app must guard its API itself.
 
+`build_ui_authenticator` guards the run viewer from `UI_AUTH`: `iap` verifies the JWT
+Identity-Aware Proxy signs into `x-goog-iap-jwt-assertion` (ES256, IAP's own keys and issuer),
+so a request that reached the service around the proxy is refused; `api` asks what `/v1` asks.
+
 No token, header value or raw google-auth error text ever reaches a log line or an error
 message: several google-auth messages quote the token they failed to parse.
 """
@@ -35,6 +39,8 @@ from app.bounded import BoundedDict
 from app.settings import Settings
 
 GOOGLE_ISSUERS = frozenset({"accounts.google.com", "https://accounts.google.com"})
+IAP_ISSUERS = frozenset({"https://cloud.google.com/iap"})
+IAP_JWT_HEADER = "x-goog-iap-jwt-assertion"
 CLOCK_SKEW_SECONDS = 10
 DEFAULT_CERTS_MAX_AGE_SECONDS = 300.0
 # A hostile or broken Cache-Control must not pin a set of keys for longer than this.
@@ -78,6 +84,20 @@ class AuthError(Exception):
 
 def _unauthorized(message: str = "invalid bearer token") -> AuthError:
     return AuthError(401, message)
+
+
+@dataclass(frozen=True)
+class TokenKind:
+    """How one kind of Google-signed JWT is checked."""
+
+    algorithm: Literal["RS256", "ES256"]
+    issuers: frozenset[str]
+    # Google's ID tokens say whether the email is verified; IAP's assertions carry no such claim.
+    requires_email_verified: bool
+
+
+GOOGLE_ID_TOKEN = TokenKind("RS256", GOOGLE_ISSUERS, requires_email_verified=True)
+IAP_ASSERTION = TokenKind("ES256", IAP_ISSUERS, requires_email_verified=False)
 
 
 class Authenticator(Protocol):
@@ -126,6 +146,24 @@ def build_api_authenticator(settings: Settings) -> Authenticator:
             service_accounts=settings.api_allowed_principals,
             certs_url=settings.push_oidc_certs_url,
         )
+    return NoAuthenticator()
+
+
+def build_ui_authenticator(settings: Settings) -> Authenticator:
+    """The authenticator for the run viewer's pages (`settings.effective_ui_auth`)."""
+    mode = settings.effective_ui_auth
+    if mode == "iap":
+        if not settings.ui_iap_audience:
+            raise ValueError("UI_AUTH=iap needs UI_IAP_AUDIENCE")
+        return IapAuthenticator(
+            audience=settings.ui_iap_audience,
+            # IAP's access policy decides who gets through; the app checks the proxy said so.
+            service_accounts=(),
+            certs_url=settings.ui_iap_certs_url,
+            kind=IAP_ASSERTION,
+        )
+    if mode == "api":
+        return build_api_authenticator(settings)
     return NoAuthenticator()
 
 
@@ -211,6 +249,7 @@ class OidcAuthenticator:
         min_refetch_interval: float = MIN_REFETCH_INTERVAL_SECONDS,
         default_max_age: float = DEFAULT_CERTS_MAX_AGE_SECONDS,
         stale_grace: float = CERTS_STALE_GRACE_SECONDS,
+        kind: TokenKind = GOOGLE_ID_TOKEN,
     ) -> None:
         # google-auth accepts a token whose `aud` is any of a list.
         self._audience = audience if isinstance(audience, str) else list(audience)
@@ -221,6 +260,7 @@ class OidcAuthenticator:
         self._min_refetch_interval = min_refetch_interval
         self._default_max_age = default_max_age
         self._stale_grace = stale_grace
+        self._kind = kind
         self._session = requests.Session()
         self._request = Request(session=self._session)
         self._cache: _CertCache | None = None
@@ -235,13 +275,15 @@ class OidcAuthenticator:
 
     async def verify(self, authorization: str | None) -> str | None:
         """Return the verified caller's email or raise AuthError."""
-        token = _bearer_token(authorization)
+        return await self._verify_token(_bearer_token(authorization))
+
+    async def _verify_token(self, token: str) -> str:
         known = self._verified.get(token)
         if known is not None:
             if self._clock() < known.expires_at:
                 return known.email
             del self._verified[token]
-        key_id = _signing_key_id(token)
+        key_id = _signing_key_id(token, self._kind.algorithm)
         pem = await self._certificate(key_id)
         try:
             claims = await asyncio.to_thread(
@@ -258,7 +300,7 @@ class OidcAuthenticator:
         except (google_exceptions.GoogleAuthError, ValueError, TypeError):
             logger.warning("auth rejected: malformed token or bad signature")
             raise _unauthorized() from None
-        _check_google_claims(claims)
+        _check_google_claims(claims, self._kind)
         email = _pin_email(claims, self._allowed)
         expires_at = claims.get("exp")
         if isinstance(expires_at, int | float):
@@ -371,19 +413,35 @@ class OidcAuthenticator:
         if response.status != 200:
             logger.error("auth: certificates endpoint answered {}", response.status)
             raise _unavailable()
-        certs = _parse_certs(response.data)
+        certs = _parse_certs(response.data, self._kind)
         if certs is None:
             logger.error("auth: certificates endpoint answered an unusable document")
             raise _unavailable()
         return certs, _max_age(response.headers, self._default_max_age)
 
 
+class IapAuthenticator(OidcAuthenticator):
+    """`UI_AUTH=iap`: the assertion Identity-Aware Proxy adds to every request it let through,
+    verified like an ID token, against IAP's keys (`UI_IAP_CERTS_URL`) and audience."""
+
+    async def verify_request(self, headers: Mapping[str, str]) -> str | None:
+        token = headers.get(IAP_JWT_HEADER)
+        if not token:
+            logger.warning("auth rejected: no IAP assertion (request did not come through IAP)")
+            raise _unauthorized("missing IAP assertion")
+        if len(token) > MAX_TOKEN_CHARS:
+            logger.warning("auth rejected: token too long")
+            raise _unauthorized("invalid IAP assertion")
+        return await self._verify_token(token.strip())
+
+
 def _unavailable() -> AuthError:
     return AuthError(503, "authentication temporarily unavailable")
 
 
-def _parse_certs(body: bytes) -> dict[str, str] | None:
-    """`{key id: PEM certificate}` keeping only loadable RSA certificates; None if none are."""
+def _parse_certs(body: bytes, kind: TokenKind) -> dict[str, str] | None:
+    """`{key id: PEM certificate or public key}` keeping only keys loadable for `kind`'s
+    algorithm; None if none are."""
     try:
         document = json.loads(body)
     except ValueError:
@@ -397,7 +455,8 @@ def _parse_certs(body: bytes) -> dict[str, str] | None:
                 raise TypeError("certificate is not a string")
             # Loaded once here so that a broken entry is dropped up front instead of failing
             # every verification that names it.
-            crypt.RSAVerifier.from_string(pem)  # type: ignore[no-untyped-call]
+            verifier = crypt.RSAVerifier if kind.algorithm == "RS256" else crypt.ES256Verifier
+            verifier.from_string(pem)
         except (ValueError, TypeError):
             logger.warning("auth: ignoring unusable certificate for key id {!r}", key_id[:64])
             continue
@@ -442,15 +501,15 @@ def _bearer_token(authorization: str | None) -> str:
     return token
 
 
-def _signing_key_id(token: str) -> str:
-    """The token's key id, after insisting on RS256 (google-auth would also take ES256)."""
+def _signing_key_id(token: str, algorithm: str) -> str:
+    """The token's key id, after insisting on `algorithm` (google-auth would take either)."""
     try:
         header = jwt.decode_header(token)  # type: ignore[no-untyped-call]
     except (google_exceptions.GoogleAuthError, ValueError, TypeError):
         logger.warning("auth rejected: undecodable token header")
         raise _unauthorized() from None
-    if header.get("alg") != "RS256":
-        logger.warning("auth rejected: signing algorithm is not RS256")
+    if header.get("alg") != algorithm:
+        logger.warning("auth rejected: signing algorithm is not {}", algorithm)
         raise _unauthorized()
     key_id = header.get("kid")
     if not isinstance(key_id, str) or not key_id:
@@ -459,9 +518,9 @@ def _signing_key_id(token: str) -> str:
     return key_id
 
 
-def _check_google_claims(claims: Mapping[str, Any]) -> None:
-    if claims.get("iss") not in GOOGLE_ISSUERS:
-        logger.warning("auth rejected: issuer is not Google")
+def _check_google_claims(claims: Mapping[str, Any], kind: TokenKind) -> None:
+    if claims.get("iss") not in kind.issuers:
+        logger.warning("auth rejected: issuer is not {}", "/".join(sorted(kind.issuers)))
         raise _unauthorized()
     # google-auth checks `iat` only; honour `nbf` too should a token carry one.
     not_before = claims.get("nbf")
@@ -470,7 +529,7 @@ def _check_google_claims(claims: Mapping[str, Any]) -> None:
     ):
         logger.warning("auth rejected: token not valid yet")
         raise _unauthorized()
-    if claims.get("email_verified") is not True:
+    if kind.requires_email_verified and claims.get("email_verified") is not True:
         logger.warning("auth rejected: email not verified")
         raise _unauthorized()
 

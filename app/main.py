@@ -20,15 +20,17 @@ from loguru import logger
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import diff, health, push, runs, tasks
+from app.api import events as events_api
 from app.api.deps import Services
 from app.api.errors import error_response, install_error_handlers, request_id_var
-from app.auth import build_api_authenticator, build_authenticator
+from app.auth import build_api_authenticator, build_authenticator, build_ui_authenticator
 from app.cost import CostMeter, DailyBudget
 from app.dead_letter import DeadLetterReceiver
 from app.domain.llm import LLM
 from app.domain.personas import validate_policy
 from app.domain.pipeline import PipelineConfig
 from app.domain.retry import RetryPolicy
+from app.events import RunEvents
 from app.llm.offline import OfflineProvider
 from app.llm.openai_provider import OpenAIProvider, build_client
 from app.logs import configure_logging, trace_context
@@ -42,6 +44,7 @@ from app.store.db import (
     new_cloud_sql_connector,
     upgrade_to_head,
 )
+from app.store.events import EventStore
 from app.store.recovery import RecoveryStore
 from app.store.runs import RunStore
 from app.store.spend import SpendStore
@@ -74,8 +77,13 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
         if settings.auto_migrate:
             await upgrade_to_head(engine)
         tracing.start(engine)
-        store = RunStore(engine)
-        recovery = RecoveryStore(engine)
+        events = RunEvents(
+            EventStore(engine),
+            # PostgreSQL: LISTEN on a connection of its own while a stream is open.
+            None if settings.is_sqlite else build_engine(settings, connector, pooled=False),
+        )
+        store = RunStore(engine, announce=events.announce)
+        recovery = RecoveryStore(engine, announce=events.announce)
         llm = _build_llm(settings, tracing)
         runner = Runner(
             store,
@@ -134,7 +142,9 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
             sweeper=sweeper,
             authenticator=build_authenticator(settings),
             api_authenticator=build_api_authenticator(settings),
+            ui_authenticator=build_ui_authenticator(settings),
             schema=SchemaCheck(engine, head_revision(), SCHEMA_CHECK_TTL_SECONDS),
+            events=events,
         )
         if (await services.schema.status()).current and isinstance(publisher, InProcessPublisher):
             # No queue redelivers on the embedded default: pick up what a previous process left.
@@ -148,7 +158,12 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
             else None
         )
         app.state.services = services
-        restore_signals = _on_shutdown_signal(runner.begin_shutdown)
+
+        def begin_shutdown() -> None:
+            runner.begin_shutdown()
+            events.close_streams()
+
+        restore_signals = _on_shutdown_signal(begin_shutdown)
         logger.info(
             "service started (llm={}, database={}, push_auth={}, api_auth={})",
             settings.effective_llm_provider,
@@ -161,19 +176,21 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
             yield
         finally:
             restore_signals()
-            runner.begin_shutdown()
+            begin_shutdown()
             if sweeping is not None:
                 sweeping.cancel()
                 await asyncio.gather(sweeping, return_exceptions=True)
             await publisher.aclose()
             await services.authenticator.aclose()
             await services.api_authenticator.aclose()
+            await services.ui_authenticator.aclose()
             if isinstance(llm, OpenAIProvider):
                 await llm.aclose()
             try:
                 # Closing connections to a database that hangs must not hold the exit past
                 # Cloud Run's 10 s; the server drops what is left when the process ends.
                 async with asyncio.timeout(SHUTDOWN_DB_CLOSE_SECONDS):
+                    await events.aclose()
                     await engine.dispose()
                     if connector is not None:
                         await connector.close_async()
@@ -193,6 +210,7 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
     app.include_router(push.router)
     app.include_router(runs.router)
     app.include_router(diff.router)
+    app.include_router(events_api.router)
     app.include_router(tasks.router)
     app.add_middleware(RequestContextMiddleware)
     if settings.cors_origins:

@@ -25,6 +25,8 @@ GOOGLE_V1_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 # The `aud` of `gcloud auth print-identity-token` for a user account (gcloud's OAuth client):
 # shared by every service, so a token minted for anything else would be replayable on /v1.
 GCLOUD_CLI_AUDIENCE = "32555940559.apps.googleusercontent.com"
+# IAP's signing keys, ES256 public keys as {key id: PEM}.
+IAP_CERTS_URL = "https://www.gstatic.com/iap/verify/public_key"
 EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///./consensus_engine.db"
 # scheme://host[:port], what a browser sends as Origin.
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?")
@@ -142,6 +144,17 @@ class Settings(BaseSettings):
     # Browser origins allowed to call the API (e.g. the reference web app served elsewhere).
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # The run viewer (app/ui/): server-rendered pages at / and their live progress. Unset: on in
+    # development only. UI_AUTH guards the pages: `iap` verifies the Identity-Aware Proxy's
+    # signed header (x-goog-iap-jwt-assertion) for UI_IAP_AUDIENCE; `api` asks what /v1 asks
+    # (API_AUTH's principals); `none` is refused in production.
+    ui_enabled: bool | None = None
+    ui_auth: Literal["iap", "api", "none"] | None = None
+    # IAP's `aud`: /projects/PROJECT_NUMBER/locations/REGION/services/SERVICE (IAP on Cloud Run)
+    # or /projects/PROJECT_NUMBER/global/backendServices/ID (behind a load balancer).
+    ui_iap_audience: str | None = None
+    ui_iap_certs_url: str = IAP_CERTS_URL
+
     # Traces (app/tracing.py): OpenTelemetry spans exported to Cloud Trace (project
     # PUBSUB_PROJECT_ID, else the credentials' project); off by default.
     tracing_enabled: bool = False
@@ -244,6 +257,12 @@ class Settings(BaseSettings):
                     "call the API)"
                 )
             self._check_api_audiences()
+        ui_iap = self.effective_ui_enabled and self.effective_ui_auth == "iap"
+        if ui_iap and not self.ui_iap_audience:
+            raise ValueError(
+                "UI_AUTH=iap needs UI_IAP_AUDIENCE: "
+                "/projects/PROJECT_NUMBER/locations/REGION/services/SERVICE for IAP on Cloud Run"
+            )
         return self
 
     def _check_api_audiences(self) -> None:
@@ -277,6 +296,8 @@ class Settings(BaseSettings):
         if self.effective_push_auth == "oidc" and self.effective_api_auth == "none":
             # Cloud Run's invoker check is off in oidc mode: nothing else guards /v1.
             raise ValueError("ENV=production with PUSH_AUTH=oidc needs API_AUTH=oidc")
+        if self.effective_ui_enabled and self.effective_ui_auth == "none":
+            raise ValueError("ENV=production refuses UI_AUTH=none: use iap or api")
 
     @property
     def effective_llm_provider(self) -> Literal["openai", "offline"]:
@@ -298,6 +319,18 @@ class Settings(BaseSettings):
             return self.api_auth
         # Behind Cloud Run IAM (cloud-run-iam) the API is already guarded; in oidc mode it is not.
         return "oidc" if self.env == "production" and self.effective_push_auth == "oidc" else "none"
+
+    @property
+    def effective_ui_enabled(self) -> bool:
+        if self.ui_enabled is not None:
+            return self.ui_enabled
+        return self.env == "development"
+
+    @property
+    def effective_ui_auth(self) -> Literal["iap", "api", "none"]:
+        if self.ui_auth is not None:
+            return self.ui_auth
+        return "iap" if self.env == "production" else "none"
 
     @property
     def effective_api_audiences(self) -> list[str]:

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.api.errors import ApiError
 from app.auth import Authenticator, AuthError
 from app.dead_letter import DeadLetterReceiver
+from app.events import RunEvents
 from app.publish import Outbox
 from app.service import PushReceiver
 from app.settings import Settings
@@ -30,7 +31,10 @@ class Services:
     sweeper: Sweeper
     authenticator: Authenticator
     api_authenticator: Authenticator
+    # The run viewer's pages and their event stream (UI_AUTH).
+    ui_authenticator: Authenticator
     schema: SchemaCheck
+    events: RunEvents
 
 
 def get_services(request: Request) -> Services:
@@ -58,6 +62,16 @@ async def require_api_caller(request: Request) -> str | None:
     services = get_services(request)
     try:
         return await services.api_authenticator.verify_request(request.headers)
+    except AuthError as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
+
+
+async def require_ui_viewer(request: Request) -> str | None:
+    """Guard for the run viewer's pages: the viewer's verified email (None when UI_AUTH=none),
+    or 401/403/503 in the error shape."""
+    services = get_services(request)
+    try:
+        return await services.ui_authenticator.verify_request(request.headers)
     except AuthError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
 

@@ -8,10 +8,10 @@ serialization failure or deadlock) becomes `StoreUnavailable`; nothing above imp
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Executable, Float, Result, bindparam
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -23,6 +23,12 @@ from sqlalchemy.sql.expression import FunctionElement
 
 from app.errors import StoreUnavailable
 from app.store.tables import UTCDateTime
+
+if TYPE_CHECKING:
+    from app.store.events import RunEvent
+
+# Where a transaction's run events wait for its commit (AsyncSession.info).
+SESSION_EVENTS = "run_events"
 
 # SQLSTATE classes and codes after which the same statement may succeed later (PostgreSQL
 # Appendix A): connection exception, insufficient resources, operator intervention (shutdown,
@@ -78,9 +84,15 @@ def is_transient(exc: BaseException) -> bool:
 class Repository:
     """Base of the repositories: sessions from one engine, one transaction per call."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        announce: Callable[[Sequence[RunEvent]], None] | None = None,
+    ) -> None:
+        """`announce` receives the run events a transaction added, once it committed."""
         self._engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._announce = announce
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncSession]:
@@ -92,6 +104,9 @@ class Repository:
             if is_transient(exc):
                 raise _unavailable(exc) from exc
             raise
+        events = session.info.pop(SESSION_EVENTS, None)
+        if events and self._announce is not None:
+            self._announce(events)
 
     async def _insert(self, row: Any) -> int:
         """Add one ORM row in its own transaction; its new primary key."""

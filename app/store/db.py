@@ -16,6 +16,7 @@ from loguru import logger
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from app.settings import Settings
 
@@ -32,13 +33,16 @@ class CloudSQLConnector(Protocol):
     async def close_async(self) -> None: ...
 
 
-def build_engine(settings: Settings, connector: CloudSQLConnector | None = None) -> AsyncEngine:
+def build_engine(
+    settings: Settings, connector: CloudSQLConnector | None = None, pooled: bool = True
+) -> AsyncEngine:
     """The async engine for the configured database; `connector` is set for Cloud SQL.
 
-    With LOG_LEVEL=DEBUG every statement is logged, without its parameters (they hold ideas,
-    proposals and reviews).
+    Without `pooled`, each connection is opened for its user and closed after (the run events'
+    listener holds one for as long as it listens). With LOG_LEVEL=DEBUG every statement is
+    logged, without its parameters (they hold ideas, proposals and reviews).
     """
-    engine = _engine(settings, connector)
+    engine = _engine(settings, connector, pooled)
     if settings.log_level == "DEBUG":
         event.listen(engine.sync_engine, "before_cursor_execute", _log_statement)
     return engine
@@ -50,7 +54,7 @@ def _log_statement(
     logger.debug("sql: {}", " ".join(statement.split())[:1000])
 
 
-def _engine(settings: Settings, connector: CloudSQLConnector | None) -> AsyncEngine:
+def _engine(settings: Settings, connector: CloudSQLConnector | None, pooled: bool) -> AsyncEngine:
     url = settings.sqlalchemy_url
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
@@ -65,6 +69,8 @@ def _engine(settings: Settings, connector: CloudSQLConnector | None) -> AsyncEng
         # fails its statement, SQLAlchemy invalidates the pool, and the delivery answers 503.
         "pool_pre_ping": False,
     }
+    if not pooled:
+        pool = {"poolclass": NullPool}
     bounds = connection_bounds(settings)
     if not settings.use_cloud_sql_connector:
         return create_async_engine(url, connect_args=bounds, **pool)

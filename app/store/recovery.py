@@ -15,6 +15,7 @@ from sqlalchemy import bindparam, func, select, update
 
 from app.domain.models import Priority, RunType
 from app.store.base import Repository, db_time
+from app.store.events import add_event, next_event_numbers, run_failed_event
 from app.store.runs import UNFINISHED, RunStatus, StepStatus, no_live_lease, utcnow
 from app.store.tables import DeadLetter, Run, StepProgress
 
@@ -187,10 +188,10 @@ class RecoveryStore(Repository):
         async with self._transaction() as session:
             last_error = await session.scalar(select(Run.error_message).where(Run.id == run_id))
             error = f"{reason}; last error: {last_error}" if last_error else reason
-            result = await session.execute(
-                update(Run)
-                .where(Run.id == run_id, Run.status.in_(UNFINISHED), no_live_lease())
-                .values(
+            seq = await session.scalar(
+                next_event_numbers(
+                    Run.id == run_id, Run.status.in_(UNFINISHED), no_live_lease()
+                ).values(
                     status=RunStatus.FAILED,
                     error_message=error,
                     completed_at=db_time(),
@@ -198,9 +199,11 @@ class RecoveryStore(Repository):
                     lease_owner=None,
                     lease_expires_at=None,
                 )
-                .execution_options(synchronize_session=False)
             )
-            return int(getattr(result, "rowcount", 0)) == 1
+            if seq is None:
+                return False
+            await add_event(session, run_id, seq, "run_failed", run_failed_event(error))
+            return True
 
     async def run_state(self, run_id: str) -> RunState | None:
         async with self._transaction() as session:

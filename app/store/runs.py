@@ -22,7 +22,6 @@ from sqlalchemy import (
     Text,
     bindparam,
     delete,
-    exists,
     func,
     insert,
     select,
@@ -49,11 +48,13 @@ from app.domain.prompts import PROMPT_SET_VERSION
 from app.domain.revisions import ParentReview, Revision, read_edits
 from app.errors import InvalidRunInput, LeaseLost
 from app.store.base import Repository, db_time
+from app.store.events import add_event, next_event_numbers, run_failed_event, step_event
 from app.store.tables import (
     DeadLetter,
     PersonaReviewRow,
     QuarantinedMessage,
     Run,
+    RunEventRow,
     StepProgress,
     UTCDateTime,
 )
@@ -409,13 +410,13 @@ class RunStore(Repository):
 
     async def step_started(self, run_id: str, owner: str, step: str) -> int:
         """Count a new attempt of `step`; its number across all deliveries."""
-        result = await self._statement(
-            _STEP_STARTED, _step_params(run_id, owner, step, now=utcnow())
-        )
-        attempts = result.scalar_one_or_none()
-        if attempts is None:
-            raise _lease_lost(run_id, owner)
-        return int(attempts)
+        params = _step_params(run_id, owner, step, now=utcnow())
+        async with self._transaction() as session:
+            seq = await _next_event(session, run_id, owner)
+            attempts = int((await session.execute(_STEP_STARTED, params)).scalar_one())
+            data = step_event(step, StepStatus.RUNNING, attempt=attempts)
+            await add_event(session, run_id, seq, "step_started", data)
+        return attempts
 
     async def attempt_failed(
         self,
@@ -429,13 +430,19 @@ class RunStore(Repository):
     ) -> None:
         """Add a failed call's tokens, model and cost to the step; keep its error."""
         params = _step_params(run_id, owner, step, usage, model, cost_usd, error=error)
-        if _rowcount(await self._statement(_STEP_ATTEMPT_FAILED, params)) != 1:
-            raise _lease_lost(run_id, owner)
+        async with self._transaction() as session:
+            seq = await _next_event(session, run_id, owner)
+            attempts = (await session.execute(_STEP_ATTEMPT_FAILED, params)).scalar_one()
+            data = step_event(step, StepStatus.RUNNING, attempt=attempts, error_message=error)
+            await add_event(session, run_id, seq, "step_attempt_failed", data)
 
     async def step_failed(self, run_id: str, owner: str, step: str, error: str) -> None:
         params = _step_params(run_id, owner, step, error=error)
-        if _rowcount(await self._statement(_STEP_FAILED, params)) != 1:
-            raise _lease_lost(run_id, owner)
+        async with self._transaction() as session:
+            seq = await _next_event(session, run_id, owner)
+            attempts = (await session.execute(_STEP_FAILED, params)).scalar_one()
+            data = step_event(step, StepStatus.FAILED, attempt=attempts, error_message=error)
+            await add_event(session, run_id, seq, "step_failed", data)
 
     async def step_completed(
         self,
@@ -452,20 +459,15 @@ class RunStore(Repository):
         now = utcnow()
         params = _step_params(run_id, owner, step, usage, model, cost_usd, now=now)
         async with self._transaction() as session:
-            if step in _PERSONA_BY_STEP:
-                # Five reviews complete at once: their fences share the run's row.
-                if _rowcount(await session.execute(_STEP_COMPLETED_FENCED, params)) != 1:
-                    raise _lease_lost(run_id, owner)
-                assert isinstance(output, PersonaReview)
-                await session.execute(_INSERT_REVIEW, _review_row(run_id, step, output, now))
-                return
-            # The proposal and the decision are written on the run itself: the run's own
-            # fenced UPDATE comes first, so its row is locked once, exclusively. The decision is
-            # the last checkpoint: storing it completes the run and drops the lease.
+            # The run's own fenced UPDATE comes first (it takes the event numbers, and for the
+            # proposal and the decision writes them on the run), so its row is locked once,
+            # exclusively, before anything else. The decision is the last checkpoint: storing
+            # it completes the run and drops the lease.
+            result: dict[str, Any] = {}
             if step == EXPAND_STEP:
-                result: dict[str, Any] = {"proposal": output.model_dump(mode="json")}
-            else:
-                assert step == AGGREGATE_STEP and isinstance(output, Decision)
+                result = {"proposal": output.model_dump(mode="json")}
+            elif step == AGGREGATE_STEP:
+                assert isinstance(output, Decision)
                 result = {
                     "decision": output.model_dump(mode="json"),
                     "decision_label": output.decision,
@@ -477,8 +479,21 @@ class RunStore(Repository):
                     "lease_owner": None,
                     "lease_expires_at": None,
                 }
-            await _write(session, _run_update(run_id, owner).values(**result), run_id, owner)
-            await session.execute(_STEP_COMPLETED, params)
+            count = 2 if step == AGGREGATE_STEP else 1
+            seq = await _next_event(session, run_id, owner, count=count, **result)
+            totals = (await session.execute(_STEP_COMPLETED, params)).one()
+            if step in _PERSONA_BY_STEP:
+                assert isinstance(output, PersonaReview)
+                await session.execute(_INSERT_REVIEW, _review_row(run_id, step, output, now))
+            data = step_event(step, StepStatus.COMPLETED, **totals._asdict())
+            await add_event(session, run_id, seq - count + 1, "step_completed", data)
+            if isinstance(output, Decision):
+                decided = {
+                    "status": RunStatus.COMPLETED,
+                    "decision_label": output.decision,
+                    "overall_weighted_confidence": output.overall_weighted_confidence,
+                }
+                await add_event(session, run_id, seq, "run_completed", decided)
 
     async def step_reused(
         self, run_id: str, owner: str, step: str, review: PersonaReview, origin_run_id: str
@@ -491,17 +506,17 @@ class RunStore(Repository):
         now = utcnow()
         params = _step_params(run_id, owner, step, now=now, origin=origin_run_id)
         async with self._transaction() as session:
-            if _rowcount(await session.execute(_STEP_REUSED, params)) != 1:
-                raise _lease_lost(run_id, owner)
+            seq = await _next_event(session, run_id, owner)
+            totals = (await session.execute(_STEP_REUSED, params)).one()
             await session.execute(_INSERT_REVIEW, _review_row(run_id, step, review, now))
+            data = step_event(step, StepStatus.COMPLETED, **totals._asdict())
+            await add_event(session, run_id, seq, "step_completed", data)
 
     async def fail(self, run_id: str, owner: str, error: str) -> bool:
         """Mark the run failed for good; False if the lease was no longer ours."""
         async with self._transaction() as session:
-            result = await session.execute(
-                update(Run)
-                .where(Run.id == run_id, Run.lease_owner == owner)
-                .values(
+            seq = await session.scalar(
+                next_event_numbers(Run.id == run_id, Run.lease_owner == owner).values(
                     status=RunStatus.FAILED,
                     error_message=error,
                     completed_at=db_time(),
@@ -509,9 +524,11 @@ class RunStore(Repository):
                     lease_owner=None,
                     lease_expires_at=None,
                 )
-                .execution_options(synchronize_session=False)
             )
-            return _rowcount(result) == 1
+            if seq is None:
+                return False
+            await add_event(session, run_id, seq, "run_failed", run_failed_event(error))
+            return True
 
     # --- quarantine ----------------------------------------------------------------------
 
@@ -562,7 +579,14 @@ class RunStore(Repository):
     async def delete_all(self) -> None:
         """Empty every table (tests and local resets only)."""
         async with self._transaction() as session:
-            for table in (DeadLetter, QuarantinedMessage, PersonaReviewRow, StepProgress, Run):
+            for table in (
+                DeadLetter,
+                QuarantinedMessage,
+                RunEventRow,
+                PersonaReviewRow,
+                StepProgress,
+                Run,
+            ):
                 await session.execute(delete(table))
 
 
@@ -649,15 +673,6 @@ def _add_run(
     return run
 
 
-def _run_update(run_id: str, owner: str) -> Any:
-    """An UPDATE of the run that applies only while `owner` holds its lease."""
-    return (
-        update(Run)
-        .where(Run.id == run_id, Run.lease_owner == owner, Run.status == RunStatus.RUNNING)
-        .execution_options(synchronize_session=False)
-    )
-
-
 def _step_params(
     run_id: str,
     owner: str,
@@ -686,10 +701,19 @@ def _step_params(
     return {f"p_{name}": value for name, value in named.items()}
 
 
-async def _write(session: AsyncSession, statement: Any, run_id: str, owner: str) -> None:
-    """Execute a fenced one-row write; `LeaseLost` when the lease is no longer `owner`'s."""
-    if _rowcount(await session.execute(statement)) != 1:
+async def _next_event(
+    session: AsyncSession, run_id: str, owner: str, count: int = 1, **values: Any
+) -> int:
+    """Take the run's next `count` event numbers (and write `values` on it) while `owner` holds
+    its lease; the last number taken. `LeaseLost` when the lease is no longer `owner`'s."""
+    seq = await session.scalar(
+        next_event_numbers(
+            Run.id == run_id, Run.lease_owner == owner, Run.status == RunStatus.RUNNING, count=count
+        ).values(**values)
+    )
+    if seq is None:
         raise _lease_lost(run_id, owner)
+    return int(seq)
 
 
 def _lease_lost(run_id: str, owner: str) -> LeaseLost:
@@ -701,20 +725,10 @@ def _rowcount(result: Any) -> int:
 
 
 # The step writes of the hot path, built once: SQLAlchemy reuses a statement object's compiled
-# form, while a new object per call paid for its cache key (a tenth of a run's CPU).
+# form, while a new object per call paid for its cache key (a tenth of a run's CPU). Each runs
+# after `_next_event`, whose fenced UPDATE of the run's row holds that row locked until the
+# commit: a takeover waits for the write, and a write after a takeover changes nothing.
 
-# `owner` still holds the run's lease. The FOR SHARE row lock makes a takeover wait until the
-# fenced write commits, while the writes of one delivery (five reviews at once) do not wait on
-# each other.
-_LEASE_HELD = exists(
-    select(Run.id)
-    .where(
-        Run.id == bindparam("p_run_id"),
-        Run.lease_owner == bindparam("p_owner"),
-        Run.status == RunStatus.RUNNING,
-    )
-    .with_for_update(read=True)
-)
 _THIS_STEP = (
     StepProgress.run_id == bindparam("p_run_id"),
     StepProgress.step_name == bindparam("p_step"),
@@ -730,36 +744,51 @@ _ADD_USAGE = {
 }
 _NOW = bindparam("p_now", type_=UTCDateTime())
 _ERROR = bindparam("p_error", type_=Text())
+# What a completed step's event reports: the step's totals over all its calls.
+_TOTALS = (
+    StepProgress.input_tokens,
+    StepProgress.output_tokens,
+    StepProgress.total_tokens,
+    StepProgress.cost_usd,
+    StepProgress.model,
+    StepProgress.reused_from_run_id,
+)
 
 _STEP_STARTED = (
     update(StepProgress)
-    .where(*_THIS_STEP, _LEASE_HELD)
+    .where(*_THIS_STEP)
     .values(
         status=StepStatus.RUNNING,
         attempts=StepProgress.attempts + 1,
         started_at=func.coalesce(StepProgress.started_at, _NOW),
     )
     .returning(StepProgress.attempts)
+    .execution_options(synchronize_session=False)
 )
 _STEP_ATTEMPT_FAILED = (
-    update(StepProgress).where(*_THIS_STEP, _LEASE_HELD).values(**_ADD_USAGE, error_message=_ERROR)
+    update(StepProgress)
+    .where(*_THIS_STEP)
+    .values(**_ADD_USAGE, error_message=_ERROR)
+    .returning(StepProgress.attempts)
+    .execution_options(synchronize_session=False)
 )
 _STEP_FAILED = (
     update(StepProgress)
-    .where(*_THIS_STEP, _LEASE_HELD)
+    .where(*_THIS_STEP)
     .values(status=StepStatus.FAILED, error_message=_ERROR)
+    .returning(StepProgress.attempts)
+    .execution_options(synchronize_session=False)
 )
-# Unfenced: for the steps whose run row was fenced first in the same transaction.
 _STEP_COMPLETED = (
     update(StepProgress)
     .where(*_THIS_STEP)
     .values(**_ADD_USAGE, status=StepStatus.COMPLETED, completed_at=_NOW, error_message=None)
+    .returning(*_TOTALS)
     .execution_options(synchronize_session=False)
 )
-_STEP_COMPLETED_FENCED = _STEP_COMPLETED.where(_LEASE_HELD)
 _STEP_REUSED = (
     update(StepProgress)
-    .where(*_THIS_STEP, _LEASE_HELD)
+    .where(*_THIS_STEP)
     .values(
         status=StepStatus.COMPLETED,
         started_at=_NOW,
@@ -769,6 +798,7 @@ _STEP_REUSED = (
         cost_usd=0.0,
         reused_from_run_id=bindparam("p_origin", type_=Text()),
     )
+    .returning(*_TOTALS)
     .execution_options(synchronize_session=False)
 )
 _INSERT_REVIEW = insert(PersonaReviewRow)

@@ -91,6 +91,9 @@ class Run(Base):
     # A delivery found the daily budget spent before the run started: it waits, queued, and
     # the sweep hands it to the queue again once this moment (the budget's next day) passed.
     deferred_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The number of the run's last event (run_events.seq). Taken by an UPDATE of this row, so
+    # a run's events commit in the order of their numbers and a stream resumes without gaps.
+    event_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     steps: Mapped[list[StepProgress]] = relationship(
         back_populates="run", order_by="StepProgress.step_order", cascade="all, delete-orphan"
@@ -157,6 +160,19 @@ class PersonaReviewRow(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "persona_id", name="uq_persona_reviews_run_persona"),
     )
+
+
+class RunEventRow(Base):
+    """A run's progress as it happened, numbered 1, 2, 3... per run: what the live stream sends
+    and resumes from (Last-Event-ID). On PostgreSQL a trigger NOTIFYs each row as it commits."""
+
+    __tablename__ = "run_events"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    event: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class QuarantinedMessage(Base):
