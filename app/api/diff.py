@@ -41,6 +41,14 @@ router = APIRouter(
 async def get_run_diff(
     run_id: str, other_run_id: str, services: ReadyServicesDep
 ) -> RunDiffResponse:
+    return await compare_runs(run_id, other_run_id, services)
+
+
+async def compare_runs(run_id: str, other_run_id: str, services: Services) -> RunDiffResponse:
+    """Two stored runs compared, parent before revision (the API's and the run viewer's diff).
+
+    ApiError: 400 for the same run twice, 404 naming the parameter that matches no run.
+    """
     if run_id == other_run_id:
         raise _same_run()
     first = _parse("run_id", run_id)

@@ -5,33 +5,32 @@ from __future__ import annotations
 import uuid
 from dataclasses import asdict
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from loguru import logger
 
-from app.api.deps import ReadyServicesDep, require_api_caller
+from app.api.deps import ReadyServicesDep, Services, require_api_caller
 from app.api.errors import ApiError
 from app.api.schemas import (
-    MAX_LIST_LIMIT,
-    MAX_LIST_OFFSET,
     FullReviewAccepted,
     FullReviewRequest,
     RevisionRequest,
     RunDetail,
+    RunFilters,
     RunList,
     RunSummary,
     StepProgressOut,
     Usage,
-    UtcDatetime,
     error_responses,
 )
 from app.api.versions import pinned_versions
-from app.domain.models import PersonaReview, RunType, TokenUsage
+from app.domain.models import PersonaReview, TokenUsage
 from app.domain.personas import PERSONAS
 from app.domain.pricing import add_costs
 from app.domain.revisions import read_edits
 from app.publish import QueuedJob
+from app.settings import Settings
 from app.store.runs import RunStatus
 from app.store.tables import Run
 
@@ -58,6 +57,11 @@ async def submit_full_review(
     body: FullReviewRequest, services: ReadyServicesDep
 ) -> FullReviewAccepted:
     """Create a queued run and hand it to the queue (or the in-process delivery)."""
+    return await submit_review(body, services)
+
+
+async def submit_review(body: FullReviewRequest, services: Services) -> FullReviewAccepted:
+    """Create a queued run and hand it to the queue (the API's and the run viewer's submit)."""
     run = await services.store.create_run(body.idea, body.extra_context, priority=body.priority)
     return await _enqueue(run, services)
 
@@ -73,11 +77,19 @@ async def create_revision(
     run_id: str, body: RevisionRequest, services: ReadyServicesDep
 ) -> FullReviewAccepted:
     """Queue a revision of a completed run: its edits applied, reviews re-run where needed."""
+    return await revise_run(run_id, body, services)
+
+
+async def revise_run(run_id: str, body: RevisionRequest, services: Services) -> FullReviewAccepted:
+    """Queue a revision of run `run_id` (the API's and the run viewer's revise).
+
+    ApiError: 422 for edits that change nothing or do not apply, 404, 409 unless completed.
+    """
     try:
         read_edits(body.edited_proposal, body.edit_notes)
     except ValueError as exc:
         raise ApiError(422, "validation_error", str(exc)) from None
-    parent = await _find_run(run_id, services)
+    parent = await find_run(run_id, services)
     if parent.status != RunStatus.COMPLETED:
         raise ApiError(
             409,
@@ -96,7 +108,7 @@ async def create_revision(
     return await _enqueue(run, services)
 
 
-async def _enqueue(run: Run, services: ReadyServicesDep) -> FullReviewAccepted:
+async def _enqueue(run: Run, services: Services) -> FullReviewAccepted:
     logger.info(
         "run enqueued",
         run_id=run.id,
@@ -118,7 +130,7 @@ async def _enqueue(run: Run, services: ReadyServicesDep) -> FullReviewAccepted:
     )
 
 
-async def _find_run(run_id: str, services: ReadyServicesDep) -> Run:
+async def find_run(run_id: str, services: Services) -> Run:
     """The run with its steps and reviews, or 404 (a non-UUID id names no run)."""
     try:
         run_id = str(uuid.UUID(run_id))
@@ -132,15 +144,18 @@ async def _find_run(run_id: str, services: ReadyServicesDep) -> Run:
 
 @router.get("/runs/{run_id}", response_model=RunDetail, responses=error_responses(404))
 async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
-    run = await _find_run(run_id, services)
+    return run_detail(await find_run(run_id, services), services.settings)
+
+
+def run_detail(run: Run, settings: Settings) -> RunDetail:
+    """Everything known of a run (its steps and reviews loaded), as `GET /v1/runs/{id}`."""
     # Summed from the steps loaded with the run, as its cost is: no second query.
     usage = sum(
         (TokenUsage(s.input_tokens, s.output_tokens, s.total_tokens) for s in run.steps),
         TokenUsage(),
     )
-    settings = services.settings
     return RunDetail(
-        **_summary(run).model_dump(),
+        **run_summary(run).model_dump(),
         extra_context=run.extra_context,
         model=run.model or settings.effective_review_model,
         temperature=settings.review_temperature if run.temperature is None else run.temperature,
@@ -181,78 +196,53 @@ async def get_run(run_id: str, services: ReadyServicesDep) -> RunDetail:
     )
 
 
-_LIST_PARAMETERS = frozenset(
-    {
-        "limit",
-        "offset",
-        "status",
-        "decision",
-        "run_type",
-        "parent_run_id",
-        "min_confidence",
-        "created_after",
-        "created_before",
-        "start_date",
-        "end_date",
-    }
-)
-
-
 async def _known_parameters(request: Request) -> None:
     """A misspelt filter is an error, not a silently unfiltered list."""
-    unknown = sorted(set(request.query_params) - _LIST_PARAMETERS)
+    known = sorted(RunFilters.model_fields)
+    unknown = sorted(set(request.query_params) - set(known))
     if unknown:
         raise ApiError(
             422,
             "validation_error",
             f"unknown query parameter(s): {', '.join(unknown)}",
-            {"unknown": unknown, "known": sorted(_LIST_PARAMETERS)},
+            {"unknown": unknown, "known": known},
         )
 
 
 @router.get("/runs", response_model=RunList, dependencies=[Depends(_known_parameters)])
-async def list_runs(
-    services: ReadyServicesDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 20,
-    offset: Annotated[int, Query(ge=0, le=MAX_LIST_OFFSET)] = 0,
-    status: Literal["queued", "running", "completed", "failed"] | None = None,
-    decision: Literal["approve", "revise", "reject"] | None = None,
-    run_type: RunType | None = None,
-    parent_run_id: Annotated[uuid.UUID | None, Query()] = None,
-    min_confidence: Annotated[float | None, Query(ge=0.0, le=1.0, allow_inf_nan=False)] = None,
-    created_after: Annotated[
-        UtcDatetime | None, Query(description="created at or after (inclusive)")
-    ] = None,
-    created_before: Annotated[
-        UtcDatetime | None, Query(description="created before (exclusive)")
-    ] = None,
-    start_date: Annotated[
-        UtcDatetime | None, Query(description="the reference's name: created at or after")
-    ] = None,
-    end_date: Annotated[
-        UtcDatetime | None, Query(description="the reference's name: created at or before")
-    ] = None,
-) -> RunList:
+async def list_runs(services: ReadyServicesDep, filters: Annotated[RunFilters, Query()]) -> RunList:
     """Runs newest first; every filter given must hold. Dates need a timezone."""
+    return await find_runs(filters, services)
+
+
+async def find_runs(filters: RunFilters, services: Services) -> RunList:
+    """One page of runs, newest first, matching every filter (the API's and the viewer's list)."""
     # Both spellings may be given: the narrower bound holds. The reference's end_date is
     # inclusive, so the instant after it is the exclusive bound.
-    lower = [d for d in (created_after, start_date) if d is not None]
-    upper = [d for d in (created_before, end_date and _after(end_date)) if d is not None]
+    lower = [d for d in (filters.created_after, filters.start_date) if d is not None]
+    upper = [
+        d
+        for d in (filters.created_before, filters.end_date and _after(filters.end_date))
+        if d is not None
+    ]
     runs, total = await services.store.list_runs(
-        limit,
-        offset,
-        status=status,
-        decision=decision,
-        run_type=run_type,
-        parent_run_id=None if parent_run_id is None else str(parent_run_id),
-        min_confidence=min_confidence,
+        filters.limit,
+        filters.offset,
+        status=filters.status,
+        decision=filters.decision,
+        run_type=filters.run_type,
+        parent_run_id=None if filters.parent_run_id is None else str(filters.parent_run_id),
+        min_confidence=filters.min_confidence,
         created_after=max(lower, default=None),
         created_before=min(upper, default=None),
     )
-    return RunList(runs=[_summary(r) for r in runs], total=total, limit=limit, offset=offset)
+    return RunList(
+        runs=[run_summary(r) for r in runs], total=total, limit=filters.limit, offset=filters.offset
+    )
 
 
-def _summary(run: Run) -> RunSummary:
+def run_summary(run: Run) -> RunSummary:
+    """A run's list entry (its steps loaded, for the cost)."""
     proposal = run.proposal or {}
     return RunSummary(
         run_id=run.id,

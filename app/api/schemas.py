@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, field_validator
 
 from app.domain.ideas import validate_extra_context, validate_idea
-from app.domain.models import Priority, RunType
+from app.domain.models import DecisionLabel, Priority, RunType
 from app.domain.revisions import MAX_EDIT_NOTES_CHARS
 
 MAX_LIST_LIMIT = 100
@@ -40,6 +41,30 @@ def _in_utc(value: datetime) -> datetime:
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 """A date-time with a timezone, converted to UTC (naive or out-of-range values are invalid)."""
+
+
+class RunFilters(BaseModel):
+    """The page and filters of a runs list (`GET /v1/runs`, the run viewer's list)."""
+
+    limit: int = Field(default=20, ge=1, le=MAX_LIST_LIMIT)
+    offset: int = Field(default=0, ge=0, le=MAX_LIST_OFFSET)
+    status: Literal["queued", "running", "completed", "failed"] | None = None
+    decision: DecisionLabel | None = None
+    run_type: RunType | None = None
+    parent_run_id: uuid.UUID | None = None
+    min_confidence: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    created_after: UtcDatetime | None = Field(
+        default=None, description="created at or after (inclusive)"
+    )
+    created_before: UtcDatetime | None = Field(
+        default=None, description="created before (exclusive)"
+    )
+    start_date: UtcDatetime | None = Field(
+        default=None, description="the reference's name: created at or after"
+    )
+    end_date: UtcDatetime | None = Field(
+        default=None, description="the reference's name: created at or before"
+    )
 
 
 class FullReviewRequest(BaseModel):
