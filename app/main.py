@@ -50,6 +50,7 @@ from app.store.runs import RunStore
 from app.store.spend import SpendStore
 from app.sweep import Sweeper, queued
 from app.tracing import Tracing
+from app.ui import install_ui
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -212,6 +213,8 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
     app.include_router(diff.router)
     app.include_router(events_api.router)
     app.include_router(tasks.router)
+    if settings.effective_ui_enabled:
+        install_ui(app)
     app.add_middleware(RequestContextMiddleware)
     if settings.cors_origins:
         # Outermost, so preflights are answered before any route or guard, and every answer
