@@ -29,6 +29,8 @@ ADMIN_HEADROOM = 10
 SUPERUSER_RESERVED = 3
 # Old and new revision both up while a rollout moves traffic.
 REVISIONS_DURING_ROLLOUT = 2
+# Per instance, beside its pool: the run events' LISTEN connection while a stream is open.
+LISTENER_CONNECTIONS = 1
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +192,8 @@ def _budget(manifest: dict[str, Any]) -> tuple[int, int]:
     # The manifest states the pool sizes it relies on; they are the settings' defaults.
     assert int(env["DB_POOL_SIZE"]) == defaults.db_pool_size
     assert int(env["DB_MAX_OVERFLOW"]) == defaults.db_max_overflow
-    service = (
-        max_scale * (defaults.db_pool_size + defaults.db_max_overflow) * REVISIONS_DURING_ROLLOUT
-    )
+    per_instance = defaults.db_pool_size + defaults.db_max_overflow + LISTENER_CONNECTIONS
+    service = max_scale * per_instance * REVISIONS_DURING_ROLLOUT
     return service, service + MIGRATION_CONNECTIONS + ADMIN_HEADROOM + SUPERUSER_RESERVED
 
 
