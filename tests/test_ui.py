@@ -287,7 +287,7 @@ async def test_the_decision_chart_draws_each_contribution(ui: UiClient, llm: Fak
     overall = run["overall_weighted_confidence"]
     assert float(bars["overall"]["width"]) == pytest.approx(overall * unit, 0.01)
     assert "revise ≥ 0.60" in svg.group() and "approve ≥ 0.80" in svg.group()
-    assert f"Overall weighted confidence: {overall:.3f} (revise)" in svg.group()
+    assert f"Overall: {overall:.3f} (revise)" in svg.group()
     # On revise, the critic's blocking issue files a minority report.
     assert "<h3>Minority reports</h3>" in html and "<h4>Critic <span" in html
 

@@ -42,6 +42,7 @@ def _environment() -> jinja2.Environment:
     env.filters.update(
         status_text=views.status_text,
         when=views.when,
+        clock=views.clock,
         money=views.money,
         score=views.score,
         lines=views.lines,

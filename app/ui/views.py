@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
+from markupsafe import Markup
 from pydantic import ValidationError
 
 from app.domain.personas import (
@@ -72,6 +73,16 @@ def status_text(status: str) -> str:
 
 def when(value: datetime | None) -> str:
     return "—" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def clock(value: datetime | None) -> Markup | str:
+    """A time of day in a `<time>` element carrying the whole instant (the timeline's times:
+    its run's date is in the page's header)."""
+    if value is None:
+        return "—"
+    return Markup('<time datetime="{}">{}</time>').format(
+        value.isoformat(), value.strftime("%H:%M:%S")
+    )
 
 
 def money(value: float | None) -> str:
@@ -155,7 +166,7 @@ def decision_chart(decision: Mapping[str, Any]) -> Chart:
     row = len(bars)
     total = Bar(
         persona_id="overall",
-        label=f"Overall weighted confidence: {overall:.3f} ({decision.get('decision', '')})",
+        label=f"Overall: {overall:.3f} ({decision.get('decision', '')})",
         contribution=overall,
         x=_LEFT,
         y=_TOP + row * _ROW + 20,
