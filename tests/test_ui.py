@@ -327,6 +327,7 @@ async def test_the_sections_fragment_and_the_event_stream_alias(
 
 async def test_revise_then_compare_with_the_parent(ui: UiClient, llm: FakeOpenAI) -> None:
     llm.scores["critic"] = 0.5
+    llm.blocking["user_advocate"] = [{"text": "No offline <mode>", "security_critical": False}]
     parent = await submit(ui, "A shared grocery list.")
     await wait_for_status(ui, parent, "completed")
 
@@ -352,6 +353,7 @@ async def test_revise_then_compare_with_the_parent(ui: UiClient, llm: FakeOpenAI
     assert Elements(emptied.text).find("input", id="title")[0]["aria-invalid"] == "true"
 
     llm.scores["critic"] = 0.9
+    llm.blocking.clear()
     edited = {**prefilled, "title": "Grocery list by aisle", "assumptions": "Shops have aisles"}
     response = await ui.post(f"/runs/{parent}/revise", **form(**edited, edit_notes=""))
     assert response.status_code == 303, response.text
@@ -372,6 +374,8 @@ async def test_revise_then_compare_with_the_parent(ui: UiClient, llm: FakeOpenAI
     assert '<del class="diff-line diff-del">-Shared grocery list</del>' in text
     assert '<ins class="diff-line diff-add">+Grocery list by aisle</ins>' in text
     assert "+0.40" in text  # the critic's confidence, 0.50 -> 0.90
+    resolved = "\N{MINUS SIGN} resolved: No offline &lt;mode&gt;"
+    assert f'<p class="issue issue--resolved">{resolved}</p>' in text
 
     same = await ui.get("/compare", params={"a": parent, "b": parent})
     assert same.status_code == 400 and "cannot diff a run against itself" in same.text

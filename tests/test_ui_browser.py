@@ -314,3 +314,42 @@ async def test_markup_in_model_output_is_shown_as_text(
         assert await page.locator("main script").count() == 0
         await seen.shot("xss")
         await seen.assert_clean()
+
+
+async def test_revise_then_compare_with_the_parent(fresh: tuple[str, str], llm: FakeOpenAI) -> None:
+    browser_path, app_url = fresh
+    async with visit(browser_path, 1440, 900, "revise") as seen:
+        page = seen.page
+        parent = await submit_and_watch(seen, app_url, IDEA)
+        await page.get_by_role("link", name="Revise and re-run").click()
+        await page.wait_for_url(f"**/runs/{parent}/revise")
+        await expect(page.get_by_label("Title")).to_have_value("Shared grocery list")
+        await page.get_by_label("Title").fill("Shared grocery list by aisle")
+        llm.blocking.clear()  # the re-run reviewers are satisfied this time
+        await page.get_by_role("button", name="Queue the revision").click()
+        await page.wait_for_url("**/runs/*")
+        await expect(page.locator('[data-role="run-status"] .badge')).to_have_text("Completed")
+        await expect(page.get_by_role("heading", level=1)).to_have_text(
+            "Shared grocery list by aisle"
+        )
+        await expect(page.locator("tr[data-step] .tag").first).to_contain_text("reused from")
+        await page.get_by_role("link", name="Compare with parent").click()
+        await page.wait_for_url("**/compare?*")
+        await expect(page.locator("del.diff-del")).to_have_text("-Shared grocery list")
+        await expect(page.locator("ins.diff-add")).to_have_text("+Shared grocery list by aisle")
+        await seen.shot("compare-1440")
+        await seen.assert_clean()
+
+
+async def test_keyboard_reaches_the_content_first(fresh: tuple[str, str]) -> None:
+    browser_path, app_url = fresh
+    async with visit(browser_path, 375, 812, "keyboard") as seen:
+        page = seen.page
+        await page.goto(f"{app_url}/runs")
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("document.activeElement.textContent") == "Skip to content"
+        await page.keyboard.press("Enter")
+        assert await page.evaluate("document.activeElement.id") == "main"
+        await page.keyboard.press("Tab")  # the first control of the page: the status filter
+        assert await page.evaluate("document.activeElement.id") == "status"
+        await seen.assert_clean()
