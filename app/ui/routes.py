@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlencode, urlsplit
 
 import jinja2
@@ -25,7 +25,7 @@ from app.ui import views
 
 router = APIRouter(dependencies=[Depends(require_ui_viewer)], include_in_schema=False)
 
-_PRIORITIES: tuple[Priority, ...] = ("normal", "high")
+_PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 _LIST_FIELDS = ("assumptions", "scope_non_goals")
 
 

@@ -68,10 +68,12 @@ def list_query(params: Mapping[str, str]) -> dict[str, str]:
 
 
 def status_text(status: str) -> str:
+    """`very_large` -> `Very large`: a status or label as the page words it."""
     return status.replace("_", " ").capitalize()
 
 
 def when(value: datetime | None) -> str:
+    """An instant in UTC, to the second."""
     return "—" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
@@ -86,10 +88,12 @@ def clock(value: datetime | None) -> Markup | str:
 
 
 def money(value: float | None) -> str:
+    """US dollars; `unknown` where a model had no price."""
     return "unknown" if value is None else f"${value:.4f}"
 
 
 def score(value: float | None) -> str:
+    """A confidence to two places."""
     return "—" if value is None else f"{value:.2f}"
 
 
@@ -123,6 +127,8 @@ class Bar:
 
 @dataclass(frozen=True)
 class Threshold:
+    """A decision threshold's line across the chart, labelled above it."""
+
     value: float
     label: str
     x: float
