@@ -159,6 +159,15 @@ async def test_last_event_id_resumes_after_it_and_a_finished_run_answers_204(
     assert [e.id for e in rest] == list(range(6, EVENTS_OF_A_RUN + 1))
     assert [e.data for e in rest] == [e.data for e in everything[5:]]
 
+    # A page that shows the run as of event 5 asks for what came after it.
+    status, from_page, _ = await read_stream(events_url(app.url, run.id) + "?after=5")
+    assert [e.id for e in from_page] == [e.id for e in rest]
+    # A reconnect's Last-Event-ID is newer than the URL's `after`, and wins.
+    status, newer, _ = await read_stream(
+        events_url(app.url, run.id) + "?after=5", last_event_id=str(EVENTS_OF_A_RUN - 1)
+    )
+    assert [e.id for e in newer] == [EVENTS_OF_A_RUN]
+
     status, nothing, _ = await read_stream(
         events_url(app.url, run.id), last_event_id=str(EVENTS_OF_A_RUN)
     )
@@ -166,20 +175,19 @@ async def test_last_event_id_resumes_after_it_and_a_finished_run_answers_204(
 
 
 # The last one: an Arabic-Indic digit three, which str.isdigit() accepts.
-@pytest.mark.parametrize(
-    "last_event_id", [b"-1", b"abc", b"1.5", b"99999999999", "\u0663".encode()]
-)
-async def test_a_last_event_id_that_is_not_ours_is_422(
-    start_app: StartApp, store: RunStore, last_event_id: bytes
+@pytest.mark.parametrize("value", ["-1", "abc", "1.5", "99999999999", "\u0663"])
+async def test_a_last_event_id_or_after_that_is_not_ours_is_422(
+    start_app: StartApp, store: RunStore, value: str
 ) -> None:
     app = start_app()
     run = await store.create_run(IDEA, None)
     async with httpx2.AsyncClient(timeout=10) as client:
-        answer = await client.get(
-            events_url(app.url, run.id), headers={"Last-Event-ID": last_event_id}
-        )
-    assert answer.status_code == 422
-    assert answer.json()["code"] == "validation_error"
+        url = events_url(app.url, run.id)
+        by_header = await client.get(url, headers=[(b"Last-Event-ID", value.encode())])
+        by_query = await client.get(url, params={"after": value})
+    for answer in (by_header, by_query):
+        assert answer.status_code == 422
+        assert answer.json()["code"] == "validation_error"
 
 
 async def test_unknown_run_is_404(start_app: StartApp, store: RunStore) -> None:

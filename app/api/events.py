@@ -2,8 +2,10 @@
 
 Each event is `id: <seq>` (numbered 1, 2, 3... per run), `event: <name>` and one line of JSON
 data. A client that reconnects sends `Last-Event-ID` and receives what came after it (browsers'
-EventSource does so by itself). The stream ends after `run_completed` or `run_failed`; for a
-finished run with nothing left to send the answer is 204, which tells EventSource to stop.
+EventSource does so by itself); `?after=<seq>` does the same for a first connection, e.g. a page
+that already shows the run as of that event. The stream ends after `run_completed` or
+`run_failed`; for a finished run with nothing left to send the answer is 204, which tells
+EventSource to stop.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import ReadyServicesDep, Services, require_api_caller
@@ -61,15 +63,23 @@ async def run_events(
         str | None,
         Header(description="the id of the last event received: resume after it"),
     ] = None,
+    after: Annotated[
+        str | None,
+        Query(description="start after this event id (Last-Event-ID, when sent, wins)"),
+    ] = None,
 ) -> Response:
-    """Stream the run's step and run events, from after `Last-Event-ID` (else the first)."""
+    """Stream the run's step and run events, from after `Last-Event-ID` or `after` (else the
+    first)."""
     return await event_stream_response(run_id, request, services)
 
 
 async def event_stream_response(run_id: str, request: Request, services: Services) -> Response:
     """The run's event stream for `request` (its Last-Event-ID header is read here); the run
     viewer's own route answers with this too."""
-    after = _last_event_id(request.headers.get("last-event-id"))
+    # A reconnecting EventSource sends Last-Event-ID, newer than the `after` of its URL.
+    after = _last_event_id(
+        request.headers.get("last-event-id") or request.query_params.get("after")
+    )
     status, backlog = await services.events.backlog(run_id, after)
     if status is None:
         raise ApiError(404, "not_found", f"run {run_id} not found")
@@ -123,5 +133,7 @@ def _last_event_id(value: str | None) -> int:
     if value is None or value == "":
         return 0
     if not value.isascii() or not value.isdigit() or int(value) > MAX_EVENT_ID:
-        raise ApiError(422, "validation_error", "Last-Event-ID must be an event id (0 or more)")
+        raise ApiError(
+            422, "validation_error", "Last-Event-ID and after must be an event id (0 or more)"
+        )
     return int(value)

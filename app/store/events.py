@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.domain.personas import STEP_NAMES
 from app.store.base import SESSION_EVENTS, Repository, db_time
-from app.store.tables import Run, RunEventRow
+from app.store.tables import JSONType, Run, RunEventRow
 
 EventName = Literal[
     "step_started",
@@ -110,14 +110,26 @@ def next_event_numbers(*fence: Any, count: int = 1) -> Any:
     )
 
 
+# Built once: SQLAlchemy reuses a statement object's compiled form (see app/store/runs.py).
+_INSERT_EVENT = (
+    insert(RunEventRow)
+    .values(
+        run_id=bindparam("e_run_id"),
+        seq=bindparam("e_seq"),
+        event=bindparam("e_event"),
+        data=bindparam("e_data", type_=JSONType),
+        created_at=db_time(),
+    )
+    .returning(RunEventRow.created_at)
+)
+
+
 async def add_event(
     session: AsyncSession, run_id: str, seq: int, event: EventName, data: dict[str, Any]
 ) -> None:
     """Add event `seq` of the run in the session's transaction; announced after its commit."""
     at = await session.scalar(
-        insert(RunEventRow)
-        .values(run_id=run_id, seq=seq, event=event, data=data, created_at=db_time())
-        .returning(RunEventRow.created_at)
+        _INSERT_EVENT, {"e_run_id": run_id, "e_seq": seq, "e_event": event, "e_data": data}
     )
     assert at is not None
     session.info.setdefault(SESSION_EVENTS, []).append(RunEvent(run_id, seq, event, at, data))

@@ -706,11 +706,12 @@ async def _next_event(
 ) -> int:
     """Take the run's next `count` event numbers (and write `values` on it) while `owner` holds
     its lease; the last number taken. `LeaseLost` when the lease is no longer `owner`'s."""
-    seq = await session.scalar(
-        next_event_numbers(
-            Run.id == run_id, Run.lease_owner == owner, Run.status == RunStatus.RUNNING, count=count
-        ).values(**values)
-    )
+    params = {"p_run_id": run_id, "p_owner": owner}
+    if count == 1 and not values:
+        seq = await session.scalar(_NEXT_EVENT, params)
+    else:
+        statement = next_event_numbers(*_LEASED, count=count).values(**values)
+        seq = await session.scalar(statement, params)
     if seq is None:
         raise _lease_lost(run_id, owner)
     return int(seq)
@@ -729,6 +730,13 @@ def _rowcount(result: Any) -> int:
 # after `_next_event`, whose fenced UPDATE of the run's row holds that row locked until the
 # commit: a takeover waits for the write, and a write after a takeover changes nothing.
 
+# The run is still `owner`'s: a progress write takes its event number only under this fence.
+_LEASED = (
+    Run.id == bindparam("p_run_id"),
+    Run.lease_owner == bindparam("p_owner"),
+    Run.status == RunStatus.RUNNING,
+)
+_NEXT_EVENT = next_event_numbers(*_LEASED)
 _THIS_STEP = (
     StepProgress.run_id == bindparam("p_run_id"),
     StepProgress.step_name == bindparam("p_step"),

@@ -146,9 +146,12 @@ async def _run_or_none(run_id: str, services: Services) -> Run | None:
         raise
 
 
-def _run_context(detail: RunDetail) -> dict[str, Any]:
+def _run_context(detail: RunDetail, event_seq: int) -> dict[str, Any]:
     return {
         "run": detail,
+        # The run's last event as of this page (read before its steps): the stream starts
+        # after it, so the page is not sent again what it already shows.
+        "event_seq": event_seq,
         "finished": detail.status in views.FINISHED,
         "chart": None if detail.decision is None else views.decision_chart(detail.decision),
     }
@@ -160,7 +163,8 @@ async def run_page(run_id: str, request: Request, services: ReadyServicesDep) ->
     run = await _run_or_none(run_id, services)
     if run is None:
         return _not_found(request, "No run has this id.")
-    return _page(request, "run.html", _run_context(run_detail(run, services.settings)))
+    context = _run_context(run_detail(run, services.settings), run.event_seq)
+    return _page(request, "run.html", context)
 
 
 @router.get("/runs/{run_id}/sections", response_class=HTMLResponse)
@@ -169,9 +173,8 @@ async def run_sections(run_id: str, request: Request, services: ReadyServicesDep
     run = await _run_or_none(run_id, services)
     if run is None:
         return _not_found(request, "No run has this id.")
-    response = _page(
-        request, "_run_sections.html", _run_context(run_detail(run, services.settings))
-    )
+    context = _run_context(run_detail(run, services.settings), run.event_seq)
+    response = _page(request, "_run_sections.html", context)
     response.headers["Cache-Control"] = "no-store"
     return response
 

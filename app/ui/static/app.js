@@ -10,7 +10,8 @@
   }
   const runId = root.dataset.runId;
   const announcer = document.getElementById('live-status');
-  // A step never goes back: an event older than what the page shows (a replay) is ignored.
+  // A step never goes back: an event older than what the page shows is ignored (the page's
+  // steps may be read a moment after its `data-after`).
   const RANK = { pending: 0, queued: 0, running: 1, completed: 2, failed: 2 };
   const STEP_EVENTS = ['step_started', 'step_attempt_failed', 'step_completed', 'step_failed'];
   const RUN_EVENTS = ['run_completed', 'run_failed'];
@@ -36,7 +37,7 @@
   }
 
   // Shows a step event on its row; false when it tells nothing the row does not show already
-  // (EventSource starts from the run's first event, so a page opened mid-run sees replays).
+  // (the page's steps may be a moment newer than the event it asked to start after).
   function applyStep(data) {
     const row = root.querySelector('tr[data-step="' + CSS.escape(data.step_name) + '"]');
     if (!row || RANK[data.status] < RANK[row.dataset.status]) {
@@ -123,7 +124,10 @@
     }
   }
 
-  const source = new EventSource('/runs/' + encodeURIComponent(runId) + '/events');
+  // From the last event the page was rendered with; on reconnects EventSource sends
+  // Last-Event-ID itself, which the server prefers.
+  const source = new EventSource('/runs/' + encodeURIComponent(runId) + '/events?after=' +
+    encodeURIComponent(root.dataset.after || '0'));
 
   // `handle` answers whether the event changed the page; only then is it announced.
   function listen(type, handle) {
