@@ -15,15 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import statistics
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx2
 import pytest
 from playwright.async_api import Error, Page, Request, async_playwright, expect
 
@@ -51,27 +49,12 @@ BLOCKING = {
 }
 XSS = "<script>window.__xss=1</script>"
 XSS_IMG = '<img src=x onerror="window.__xss=2">'
-# Before any page script: collect CSP violations, and the moment each step's row first reads
-# "completed" (the latency measured below).
+# Before any page script: collect CSP violations. (How fast a step reaches the page is measured
+# by benchmarks/live_latency.py, not here.)
 WATCH = """
 window.__csp = [];
-window.__completedAt = {};
 document.addEventListener('securitypolicyviolation', (e) => {
   window.__csp.push(e.violatedDirective + ' ' + e.blockedURI);
-});
-document.addEventListener('DOMContentLoaded', () => {
-  const seen = () => {
-    for (const row of document.querySelectorAll('tr[data-step]')) {
-      if (row.dataset.status === 'completed' && !(row.dataset.step in window.__completedAt)) {
-        window.__completedAt[row.dataset.step] = Date.now();
-      }
-    }
-  };
-  seen();
-  window.__loadedAt = Date.now();
-  new MutationObserver(seen).observe(document.body, {
-    subtree: true, childList: true, attributes: true, characterData: true,
-  });
 });
 """
 
@@ -168,7 +151,8 @@ def _ignore_closed_streams(log: BrowserLog) -> Any:
     """Failed requests are problems, except the event stream the page closed itself."""
 
     def on_failed(request: Request) -> None:
-        if request.url.endswith("/events") and request.failure == "net::ERR_ABORTED":
+        closed = urlsplit(request.url).path.endswith("/events")
+        if closed and request.failure == "net::ERR_ABORTED":
             return
         log.on_request_failed(request)
 
@@ -227,21 +211,6 @@ async def follow_to_runs_list(seen: Visit, run_id: str) -> None:
     await expect(page.locator(f'a[href="/runs/{run_id}"]')).to_be_visible()
 
 
-async def completion_latency(app_url: str, run_id: str, seen: Visit) -> list[float]:
-    """Per step: the database time of its step_completed event to the browser showing it, ms."""
-    shown: dict[str, int] = await seen.page.evaluate("window.__completedAt")
-    async with httpx2.AsyncClient(base_url=app_url) as client:
-        stream = await client.get(f"/v1/runs/{run_id}/events")
-    latencies = []
-    for block in stream.text.split("\n\n"):
-        if "event: step_completed" not in block:
-            continue
-        data = json.loads(block.split("data: ", 1)[1])
-        at = datetime.fromisoformat(data["at"]).timestamp() * 1000
-        latencies.append(shown[data["step_name"]] - at)
-    return latencies
-
-
 @pytest.fixture
 def fresh(viewer: tuple[str, AppProcess], llm: FakeOpenAI, store: RunStore) -> tuple[str, str]:
     """The browser's path and the app's URL, the fake OpenAI slowed, the tables empty."""
@@ -257,18 +226,10 @@ async def test_wide_submit_watch_live_read_and_list(fresh: tuple[str, str]) -> N
         run_id = await submit_and_watch(seen, app_url, IDEA)
         await read_result(seen)
         shot = await seen.shot("run-1440")
-        latencies = await completion_latency(app_url, run_id, seen)
+        assert shot.stat().st_size > 0
         await follow_to_runs_list(seen, run_id)
         await seen.shot("runs-1440")
         await seen.assert_clean()
-    assert len(latencies) == 7
-    (ARTIFACTS / "latency.txt").write_text(
-        "step_completed (database time) -> shown in the browser, ms: "
-        + ", ".join(f"{ms:.0f}" for ms in latencies)
-        + f"\nmedian {statistics.median(latencies):.0f} ms, max {max(latencies):.0f} ms\n"
-    )
-    assert max(latencies) < 5000, latencies
-    assert shot.stat().st_size > 0
 
 
 async def test_phone_width_has_no_sideways_scroll(fresh: tuple[str, str]) -> None:
@@ -279,6 +240,12 @@ async def test_phone_width_has_no_sideways_scroll(fresh: tuple[str, str]) -> Non
         await read_result(seen)
         assert await page.evaluate("document.documentElement.scrollWidth") <= 375
         await seen.shot("run-375")
+        # What a phone shows of it: the timeline, then the decision and its chart.
+        await page.screenshot(
+            path=ARTIFACTS / "run-375-top.png",
+            clip={"x": 0, "y": 0, "width": 375, "height": 2400},
+            full_page=True,
+        )
         await follow_to_runs_list(seen, run_id)
         assert await page.evaluate("document.documentElement.scrollWidth") <= 375
         await seen.shot("runs-375")
