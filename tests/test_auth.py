@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -170,12 +171,12 @@ def _handler_for(state: CertsServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def certs_server(key: SigningKey) -> Iterator[CertsServer]:
-    state = CertsServer(certs={KID: key.certificate_pem})
+@contextmanager
+def serving(state: CertsServer, path: str) -> Iterator[CertsServer]:
+    """`state` answered on a loopback port at `path` (its `url`) until the block ends."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(state))
     server.daemon_threads = True
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/oauth2/v1/certs"
+    state.url = f"http://127.0.0.1:{server.server_address[1]}{path}"
     thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     try:
@@ -184,6 +185,12 @@ def certs_server(key: SigningKey) -> Iterator[CertsServer]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def certs_server(key: SigningKey) -> Iterator[CertsServer]:
+    with serving(CertsServer(certs={KID: key.certificate_pem}), "/oauth2/v1/certs") as state:
+        yield state
 
 
 class FakeClock:

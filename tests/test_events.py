@@ -34,6 +34,7 @@ from app.store.tables import RunEventRow
 from tests.conftest import PG_ADMIN_DSN, StartApp, running_app, services_of
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.procs import AppProcess
+from tests.test_process_lifecycle import deliver
 from tests.test_push_pipeline import SUBSCRIPTION
 
 IDEA = "A neighbourhood tool library. Members borrow drills and ladders instead of buying them."
@@ -91,6 +92,11 @@ async def read_stream(
     return 200, events, other
 
 
+async def push(url: str, run_id: str) -> int:
+    """Deliver the run's job to the app at `url` as Pub/Sub would; the answer's status."""
+    return await deliver(url, encode_wrapped({"run_id": run_id}, f"m-{run_id}", SUBSCRIPTION))
+
+
 def events_url(base: str, run_id: str) -> str:
     return f"{base}/v1/runs/{run_id}/events"
 
@@ -129,10 +135,7 @@ async def test_a_run_executed_by_another_process_streams_live_and_ends(
     run = await store.create_run(IDEA, None)
     reading = asyncio.create_task(read_stream(events_url(viewer.url, run.id)))
     await asyncio.sleep(0.5)  # the stream is open (and listening) before the run starts
-    async with httpx2.AsyncClient(timeout=60) as client:
-        body = encode_wrapped({"run_id": run.id}, "m-events-1", SUBSCRIPTION)
-        answer = await client.post(f"{worker.url}/pubsub/push", content=body)
-    assert answer.status_code == 204
+    assert await push(worker.url, run.id) == 204
     status, events, other = await reading
     assert status == 200
     assert other[0] == "retry: 2000"
@@ -147,9 +150,7 @@ async def test_last_event_id_resumes_after_it_and_a_finished_run_answers_204(
 ) -> None:
     app = start_app()
     run = await store.create_run(IDEA, None)
-    async with httpx2.AsyncClient(timeout=60) as client:
-        body = encode_wrapped({"run_id": run.id}, "m-events-2", SUBSCRIPTION)
-        assert (await client.post(f"{app.url}/pubsub/push", content=body)).status_code == 204
+    assert await push(app.url, run.id) == 204
     status, everything, _ = await read_stream(events_url(app.url, run.id))
     assert status == 200
     assert_a_whole_run(everything, run.id)
@@ -204,9 +205,7 @@ async def test_a_failed_run_streams_its_failure(
     llm.queue("expand", Reply(status=400, body={"error": {"message": "bad request"}}))
     app = start_app()
     run = await store.create_run(IDEA, None)
-    async with httpx2.AsyncClient(timeout=60) as client:
-        body = encode_wrapped({"run_id": run.id}, "m-events-3", SUBSCRIPTION)
-        assert (await client.post(f"{app.url}/pubsub/push", content=body)).status_code == 204
+    assert await push(app.url, run.id) == 204
     status, events, _ = await read_stream(events_url(app.url, run.id))
     assert status == 200
     assert [e.event for e in events] == [

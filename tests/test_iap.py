@@ -7,11 +7,9 @@ carries anything else, is refused.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import jwt as pyjwt
@@ -22,7 +20,7 @@ from pydantic import ValidationError
 
 from app.auth import IAP_JWT_HEADER, AuthError, IapAuthenticator, build_ui_authenticator
 from app.settings import Settings
-from tests.test_auth import CertsServer, _handler_for, _make_key
+from tests.test_auth import CertsServer, _make_key, serving
 
 AUDIENCE = "/projects/123456789/locations/europe-west1/services/consensus-engine"
 VIEWER = "reviewer@example.com"
@@ -45,18 +43,8 @@ def iap_key() -> ec.EllipticCurvePrivateKey:
 @pytest.fixture
 def iap_keys(iap_key: ec.EllipticCurvePrivateKey) -> Iterator[CertsServer]:
     """A local stand-in for https://www.gstatic.com/iap/verify/public_key."""
-    state = CertsServer(certs={KID: _public_pem(iap_key)})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(state))
-    server.daemon_threads = True
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/iap/verify/public_key"
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(CertsServer(certs={KID: _public_pem(iap_key)}), "/iap/verify/public_key") as keys:
+        yield keys
 
 
 def _assertion(key: Any, algorithm: str = "ES256", kid: str = KID, **overrides: Any) -> str:

@@ -162,6 +162,8 @@ async def test_a_bad_priority_and_a_foreign_origin_are_refused(ui: UiClient) -> 
     foreign = form(idea="An idea.")
     foreign["headers"]["origin"] = "https://evil.example"
     assert (await ui.post("/", **foreign)).status_code == 403
+    crowded = form(idea="An idea.", **{f"field{n}": "x" for n in range(200)})
+    assert (await ui.post("/", **crowded)).status_code == 413
     assert (await ui.get("/v1/runs")).json()["total"] == 0
 
 

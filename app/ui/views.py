@@ -22,6 +22,7 @@ from app.domain.personas import (
 
 # An idea (10 000 characters) and extra context (50 000), percent-encoded: well below this.
 MAX_FORM_BYTES = 1024 * 1024
+MAX_FORM_FIELDS = 100
 STEP_LABELS = {
     EXPAND_STEP: "Expand the idea",
     **{p.step_name: f"{p.name} review" for p in PERSONAS},
@@ -32,17 +33,23 @@ _DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 class FormTooLarge(Exception):
-    """A form body beyond MAX_FORM_BYTES."""
+    """A form body beyond MAX_FORM_BYTES or MAX_FORM_FIELDS."""
 
 
 def parse_form(body: bytes) -> dict[str, str]:
     """An `application/x-www-form-urlencoded` body, first value of each field."""
     if len(body) > MAX_FORM_BYTES:
         raise FormTooLarge
+    try:
+        pairs = parse_qsl(
+            body.decode("utf-8", errors="replace"),
+            keep_blank_values=True,
+            max_num_fields=MAX_FORM_FIELDS,
+        )
+    except ValueError:  # more fields than any of the pages' forms has
+        raise FormTooLarge from None
     fields: dict[str, str] = {}
-    for name, value in parse_qsl(
-        body.decode("utf-8", errors="replace"), keep_blank_values=True, max_num_fields=100
-    ):
+    for name, value in pairs:
         fields.setdefault(name, value)
     return fields
 
