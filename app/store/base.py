@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Executable, Float, Result, bindparam
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import FunctionElement
@@ -26,9 +26,6 @@ from app.store.tables import UTCDateTime
 
 if TYPE_CHECKING:
     from app.store.events import RunEvent
-
-# Where a transaction's run events wait for its commit (AsyncSession.info).
-SESSION_EVENTS = "run_events"
 
 # SQLSTATE classes and codes after which the same statement may succeed later (PostgreSQL
 # Appendix A): connection exception, insufficient resources, operator intervention (shutdown,
@@ -104,7 +101,19 @@ class Repository:
             if is_transient(exc):
                 raise _unavailable(exc) from exc
             raise
-        events = session.info.pop(SESSION_EVENTS, None)
+
+    @asynccontextmanager
+    async def _progress(self) -> AsyncIterator[tuple[AsyncConnection, list[RunEvent]]]:
+        """One transaction of Core statements (the hot path's writes: no ORM session to build)
+        and the run events it adds, announced once it committed."""
+        events: list[RunEvent] = []
+        try:
+            async with self._engine.begin() as connection:
+                yield connection, events
+        except Exception as exc:
+            if is_transient(exc):
+                raise _unavailable(exc) from exc
+            raise
         if events and self._announce is not None:
             self._announce(events)
 

@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.domain.personas import STEP_NAMES
-from app.store.base import SESSION_EVENTS, Repository, db_time
+from app.store.base import Repository, db_time
 from app.store.tables import JSONType, Run, RunEventRow
 
 EventName = Literal[
@@ -125,14 +125,20 @@ _INSERT_EVENT = (
 
 
 async def add_event(
-    session: AsyncSession, run_id: str, seq: int, event: EventName, data: dict[str, Any]
+    connection: AsyncConnection,
+    events: list[RunEvent],
+    run_id: str,
+    seq: int,
+    event: EventName,
+    data: dict[str, Any],
 ) -> None:
-    """Add event `seq` of the run in the session's transaction; announced after its commit."""
-    at = await session.scalar(
+    """Add event `seq` of the run in the connection's transaction, and to `events` (those the
+    transaction announces once it committed)."""
+    at = await connection.scalar(
         _INSERT_EVENT, {"e_run_id": run_id, "e_seq": seq, "e_event": event, "e_data": data}
     )
     assert at is not None
-    session.info.setdefault(SESSION_EVENTS, []).append(RunEvent(run_id, seq, event, at, data))
+    events.append(RunEvent(run_id, seq, event, at, data))
 
 
 class EventStore(Repository):

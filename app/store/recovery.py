@@ -185,10 +185,10 @@ class RecoveryStore(Repository):
     async def fail_unleased(self, run_id: str, reason: str) -> bool:
         """Fail an unfinished run nobody holds; the reason keeps the run's last error.
         False when the run finished or was claimed meanwhile."""
-        async with self._transaction() as session:
-            last_error = await session.scalar(select(Run.error_message).where(Run.id == run_id))
+        async with self._progress() as (connection, events):
+            last_error = await connection.scalar(select(Run.error_message).where(Run.id == run_id))
             error = f"{reason}; last error: {last_error}" if last_error else reason
-            seq = await session.scalar(
+            seq = await connection.scalar(
                 next_event_numbers(
                     Run.id == run_id, Run.status.in_(UNFINISHED), no_live_lease()
                 ).values(
@@ -202,7 +202,7 @@ class RecoveryStore(Repository):
             )
             if seq is None:
                 return False
-            await add_event(session, run_id, seq, "run_failed", run_failed_event(error))
+            await add_event(connection, events, run_id, seq, "run_failed", run_failed_event(error))
             return True
 
     async def run_state(self, run_id: str) -> RunState | None:

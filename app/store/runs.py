@@ -29,7 +29,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import selectinload
 
 from app.domain.models import (
@@ -411,11 +411,11 @@ class RunStore(Repository):
     async def step_started(self, run_id: str, owner: str, step: str) -> int:
         """Count a new attempt of `step`; its number across all deliveries."""
         params = _step_params(run_id, owner, step, now=utcnow())
-        async with self._transaction() as session:
-            seq = await _next_event(session, run_id, owner)
-            attempts = int((await session.execute(_STEP_STARTED, params)).scalar_one())
+        async with self._progress() as (connection, events):
+            seq = await _next_event(connection, run_id, owner)
+            attempts = int((await connection.execute(_STEP_STARTED, params)).scalar_one())
             data = step_event(step, StepStatus.RUNNING, attempt=attempts)
-            await add_event(session, run_id, seq, "step_started", data)
+            await add_event(connection, events, run_id, seq, "step_started", data)
         return attempts
 
     async def attempt_failed(
@@ -430,19 +430,19 @@ class RunStore(Repository):
     ) -> None:
         """Add a failed call's tokens, model and cost to the step; keep its error."""
         params = _step_params(run_id, owner, step, usage, model, cost_usd, error=error)
-        async with self._transaction() as session:
-            seq = await _next_event(session, run_id, owner)
-            attempts = (await session.execute(_STEP_ATTEMPT_FAILED, params)).scalar_one()
+        async with self._progress() as (connection, events):
+            seq = await _next_event(connection, run_id, owner)
+            attempts = (await connection.execute(_STEP_ATTEMPT_FAILED, params)).scalar_one()
             data = step_event(step, StepStatus.RUNNING, attempt=attempts, error_message=error)
-            await add_event(session, run_id, seq, "step_attempt_failed", data)
+            await add_event(connection, events, run_id, seq, "step_attempt_failed", data)
 
     async def step_failed(self, run_id: str, owner: str, step: str, error: str) -> None:
         params = _step_params(run_id, owner, step, error=error)
-        async with self._transaction() as session:
-            seq = await _next_event(session, run_id, owner)
-            attempts = (await session.execute(_STEP_FAILED, params)).scalar_one()
+        async with self._progress() as (connection, events):
+            seq = await _next_event(connection, run_id, owner)
+            attempts = (await connection.execute(_STEP_FAILED, params)).scalar_one()
             data = step_event(step, StepStatus.FAILED, attempt=attempts, error_message=error)
-            await add_event(session, run_id, seq, "step_failed", data)
+            await add_event(connection, events, run_id, seq, "step_failed", data)
 
     async def step_completed(
         self,
@@ -458,7 +458,7 @@ class RunStore(Repository):
         with the last call's tokens, model and cost added to the step's."""
         now = utcnow()
         params = _step_params(run_id, owner, step, usage, model, cost_usd, now=now)
-        async with self._transaction() as session:
+        async with self._progress() as (connection, events):
             # The run's own fenced UPDATE comes first (it takes the event numbers, and for the
             # proposal and the decision writes them on the run), so its row is locked once,
             # exclusively, before anything else. The decision is the last checkpoint: storing
@@ -480,20 +480,20 @@ class RunStore(Repository):
                     "lease_expires_at": None,
                 }
             count = 2 if step == AGGREGATE_STEP else 1
-            seq = await _next_event(session, run_id, owner, count=count, **result)
-            totals = (await session.execute(_STEP_COMPLETED, params)).one()
+            seq = await _next_event(connection, run_id, owner, count=count, **result)
+            totals = (await connection.execute(_STEP_COMPLETED, params)).one()
             if step in _PERSONA_BY_STEP:
                 assert isinstance(output, PersonaReview)
-                await session.execute(_INSERT_REVIEW, _review_row(run_id, step, output, now))
+                await connection.execute(_INSERT_REVIEW, _review_row(run_id, step, output, now))
             data = step_event(step, StepStatus.COMPLETED, **totals._asdict())
-            await add_event(session, run_id, seq - count + 1, "step_completed", data)
+            await add_event(connection, events, run_id, seq - count + 1, "step_completed", data)
             if isinstance(output, Decision):
                 decided = {
                     "status": RunStatus.COMPLETED,
                     "decision_label": output.decision,
                     "overall_weighted_confidence": output.overall_weighted_confidence,
                 }
-                await add_event(session, run_id, seq, "run_completed", decided)
+                await add_event(connection, events, run_id, seq, "run_completed", decided)
 
     async def step_reused(
         self, run_id: str, owner: str, step: str, review: PersonaReview, origin_run_id: str
@@ -505,17 +505,17 @@ class RunStore(Repository):
         """
         now = utcnow()
         params = _step_params(run_id, owner, step, now=now, origin=origin_run_id)
-        async with self._transaction() as session:
-            seq = await _next_event(session, run_id, owner)
-            totals = (await session.execute(_STEP_REUSED, params)).one()
-            await session.execute(_INSERT_REVIEW, _review_row(run_id, step, review, now))
+        async with self._progress() as (connection, events):
+            seq = await _next_event(connection, run_id, owner)
+            totals = (await connection.execute(_STEP_REUSED, params)).one()
+            await connection.execute(_INSERT_REVIEW, _review_row(run_id, step, review, now))
             data = step_event(step, StepStatus.COMPLETED, **totals._asdict())
-            await add_event(session, run_id, seq, "step_completed", data)
+            await add_event(connection, events, run_id, seq, "step_completed", data)
 
     async def fail(self, run_id: str, owner: str, error: str) -> bool:
         """Mark the run failed for good; False if the lease was no longer ours."""
-        async with self._transaction() as session:
-            seq = await session.scalar(
+        async with self._progress() as (connection, events):
+            seq = await connection.scalar(
                 next_event_numbers(Run.id == run_id, Run.lease_owner == owner).values(
                     status=RunStatus.FAILED,
                     error_message=error,
@@ -527,7 +527,7 @@ class RunStore(Repository):
             )
             if seq is None:
                 return False
-            await add_event(session, run_id, seq, "run_failed", run_failed_event(error))
+            await add_event(connection, events, run_id, seq, "run_failed", run_failed_event(error))
             return True
 
     # --- quarantine ----------------------------------------------------------------------
@@ -702,16 +702,16 @@ def _step_params(
 
 
 async def _next_event(
-    session: AsyncSession, run_id: str, owner: str, count: int = 1, **values: Any
+    connection: AsyncConnection, run_id: str, owner: str, count: int = 1, **values: Any
 ) -> int:
     """Take the run's next `count` event numbers (and write `values` on it) while `owner` holds
     its lease; the last number taken. `LeaseLost` when the lease is no longer `owner`'s."""
     params = {"p_run_id": run_id, "p_owner": owner}
     if count == 1 and not values:
-        seq = await session.scalar(_NEXT_EVENT, params)
+        seq = await connection.scalar(_NEXT_EVENT, params)
     else:
         statement = next_event_numbers(*_LEASED, count=count).values(**values)
-        seq = await session.scalar(statement, params)
+        seq = await connection.scalar(statement, params)
     if seq is None:
         raise _lease_lost(run_id, owner)
     return int(seq)
