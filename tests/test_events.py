@@ -12,7 +12,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,16 @@ import httpx2
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from app.api.events import _stream
 from app.domain.models import PersonaReview, TokenUsage
 from app.domain.personas import STEP_NAMES
-from app.events import Signal
+from app.errors import StoreUnavailable
+from app.events import RunEvents, Signal
 from app.push.envelope import encode_wrapped
 from app.settings import Settings
-from app.store.events import RunEvent
+from app.store.events import EventStore, RunEvent
 from app.store.runs import RunStore
 from app.store.tables import RunEventRow
 from tests.conftest import PG_ADMIN_DSN, StartApp, running_app, services_of
@@ -388,3 +391,24 @@ async def test_every_store_write_that_changes_progress_numbers_its_event(
         assert [e.seq for e in events] == list(range(1, EVENTS_OF_A_RUN + 1))
         stored = await services_of(app).store.get_run(run_id)
         assert stored is not None and stored.event_seq == EVENTS_OF_A_RUN
+
+
+class _UnreachableEvents(EventStore):
+    """An event store whose database has gone away."""
+
+    async def backlog(self, run_id: str, after: int) -> tuple[str | None, Sequence[RunEvent]]:
+        raise StoreUnavailable("database unavailable: ConnectionRefusedError")
+
+
+async def test_a_stream_whose_database_goes_away_ends_instead_of_failing(
+    tmp_path: Path,
+) -> None:
+    """Once the answer has started, a failed read ends the stream (the client resumes with
+    Last-Event-ID) rather than breaking the response with an error."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+    try:
+        events = RunEvents(_UnreachableEvents(engine))
+        chunks = [chunk async for chunk in _stream("run-1", 3, events)]
+    finally:
+        await engine.dispose()
+    assert chunks == ["retry: 2000\n\n"]

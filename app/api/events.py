@@ -17,10 +17,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from loguru import logger
 
 from app.api.deps import ReadyServicesDep, Services, require_api_caller
 from app.api.errors import ApiError
 from app.api.schemas import error_responses
+from app.errors import StoreUnavailable
 from app.events import RunEvents, Signal
 from app.store.events import RunEvent
 from app.store.runs import RunStatus
@@ -94,6 +96,15 @@ async def event_stream_response(run_id: str, request: Request, services: Service
 
 
 async def _stream(run_id: str, last: int, events: RunEvents) -> AsyncIterator[str]:
+    try:
+        async for chunk in _events_after(run_id, last, events):
+            yield chunk
+    except StoreUnavailable as exc:
+        # The answer has started: end the stream; the client resumes from its last event.
+        logger.warning("run events: stream of run {} ended early ({})", run_id, exc)
+
+
+async def _events_after(run_id: str, last: int, events: RunEvents) -> AsyncIterator[str]:
     deadline = time.monotonic() + STREAM_MAX_SECONDS
     with events.subscribe(run_id) as subscription:
         yield f"retry: {RECONNECT_MS}\n\n"
