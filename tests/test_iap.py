@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import jwt as pyjwt
@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from app.auth import IAP_JWT_HEADER, AuthError, IapAuthenticator, build_ui_authenticator
 from app.settings import Settings
+from tests.conftest import running_app
 from tests.test_auth import CertsServer, _make_key, serving
 
 AUDIENCE = "/projects/123456789/locations/europe-west1/services/consensus-engine"
@@ -154,3 +155,29 @@ def test_settings_for_the_viewer() -> None:
         Settings(_env_file=None, **production, ui_enabled=True, ui_auth="none")
     enabled = Settings(_env_file=None, **production, ui_enabled=True, ui_iap_audience=AUDIENCE)
     assert enabled.effective_ui_auth == "iap"
+
+
+async def test_every_page_and_the_viewers_stream_ask_for_iap(
+    make_settings: Callable[..., Settings],
+    iap_keys: CertsServer,
+    iap_key: ec.EllipticCurvePrivateKey,
+) -> None:
+    settings = make_settings(
+        ui_enabled=True, ui_auth="iap", ui_iap_audience=AUDIENCE, ui_iap_certs_url=iap_keys.url
+    )
+    async with running_app(settings) as (_app, client):
+        signed = {IAP_JWT_HEADER: _assertion(iap_key)}
+        forged = {IAP_JWT_HEADER: _assertion(ec.generate_private_key(ec.SECP256R1()))}
+        for path in ("/", "/runs", "/compare", f"/runs/{uuid.uuid4()}/events"):
+            assert (await client.get(path)).status_code == 401, path
+            assert (await client.get(path, headers=forged)).status_code == 401, path
+        assert (await client.get("/", headers=signed)).status_code == 200
+        assert (await client.get("/runs", headers=signed)).status_code == 200
+        answer = await client.post(
+            "/",
+            content=b"idea=An+idea.",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert answer.status_code == 401
+        # /v1 keeps its own guard (API_AUTH), whatever the pages ask.
+        assert (await client.get("/v1/runs")).status_code == 200
