@@ -160,23 +160,25 @@ def _run_context(detail: RunDetail, event_seq: int) -> dict[str, Any]:
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
 async def run_page(run_id: str, request: Request, services: ReadyServicesDep) -> HTMLResponse:
     """A run: its timeline (kept live by app.js), proposal, reviews and decision."""
-    run = await _run_or_none(run_id, services)
-    if run is None:
-        return _not_found(request, "No run has this id.")
-    context = _run_context(run_detail(run, services.settings), run.event_seq)
-    return _page(request, "run.html", context)
+    return await _run_view(run_id, request, services, "run.html")
 
 
 @router.get("/runs/{run_id}/sections", response_class=HTMLResponse)
 async def run_sections(run_id: str, request: Request, services: ReadyServicesDep) -> HTMLResponse:
     """The run page's live part alone, which app.js swaps in after a step or the run ends."""
+    response = await _run_view(run_id, request, services, "_run_sections.html")
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def _run_view(
+    run_id: str, request: Request, services: Services, template: str
+) -> HTMLResponse:
     run = await _run_or_none(run_id, services)
     if run is None:
         return _not_found(request, "No run has this id.")
     context = _run_context(run_detail(run, services.settings), run.event_seq)
-    response = _page(request, "_run_sections.html", context)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return _page(request, template, context)
 
 
 @router.get("/runs/{run_id}/events")
