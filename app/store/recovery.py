@@ -15,8 +15,7 @@ from sqlalchemy import bindparam, func, select, update
 
 from app.domain.models import Priority, RunType
 from app.store.base import Repository, db_time
-from app.store.events import add_event, next_event_numbers, run_failed_event
-from app.store.runs import UNFINISHED, RunStatus, StepStatus, no_live_lease, utcnow
+from app.store.runs import UNFINISHED, RunStatus, StepStatus, fail_run, no_live_lease, utcnow
 from app.store.tables import DeadLetter, Run, StepProgress
 
 # How the recovery paths word the failures they cause: the job timeout (app/service.py,
@@ -188,22 +187,8 @@ class RecoveryStore(Repository):
         async with self._progress() as (connection, events):
             last_error = await connection.scalar(select(Run.error_message).where(Run.id == run_id))
             error = f"{reason}; last error: {last_error}" if last_error else reason
-            seq = await connection.scalar(
-                next_event_numbers(
-                    Run.id == run_id, Run.status.in_(UNFINISHED), no_live_lease()
-                ).values(
-                    status=RunStatus.FAILED,
-                    error_message=error,
-                    completed_at=db_time(),
-                    updated_at=db_time(),
-                    lease_owner=None,
-                    lease_expires_at=None,
-                )
-            )
-            if seq is None:
-                return False
-            await add_event(connection, events, run_id, seq, "run_failed", run_failed_event(error))
-            return True
+            unleased = (Run.status.in_(UNFINISHED), no_live_lease())
+            return await fail_run(connection, events, run_id, error, *unleased)
 
     async def run_state(self, run_id: str) -> RunState | None:
         async with self._transaction() as session:

@@ -48,7 +48,14 @@ from app.domain.prompts import PROMPT_SET_VERSION
 from app.domain.revisions import ParentReview, Revision, read_edits
 from app.errors import InvalidRunInput, LeaseLost
 from app.store.base import Repository, db_time
-from app.store.events import add_event, next_event_numbers, run_failed_event, step_event
+from app.store.events import (
+    EventName,
+    RunEvent,
+    add_event,
+    next_event_numbers,
+    run_failed_event,
+    step_event,
+)
 from app.store.tables import (
     DeadLetter,
     PersonaReviewRow,
@@ -411,12 +418,9 @@ class RunStore(Repository):
     async def step_started(self, run_id: str, owner: str, step: str) -> int:
         """Count a new attempt of `step`; its number across all deliveries."""
         params = _step_params(run_id, owner, step, now=utcnow())
-        async with self._progress() as (connection, events):
-            seq = await _next_event(connection, run_id, owner)
-            attempts = int((await connection.execute(_STEP_STARTED, params)).scalar_one())
-            data = step_event(step, StepStatus.RUNNING, attempt=attempts)
-            await add_event(connection, events, run_id, seq, "step_started", data)
-        return attempts
+        return await self._step_attempt(
+            run_id, owner, step, _STEP_STARTED, params, "step_started", StepStatus.RUNNING
+        )
 
     async def attempt_failed(
         self,
@@ -430,19 +434,49 @@ class RunStore(Repository):
     ) -> None:
         """Add a failed call's tokens, model and cost to the step; keep its error."""
         params = _step_params(run_id, owner, step, usage, model, cost_usd, error=error)
-        async with self._progress() as (connection, events):
-            seq = await _next_event(connection, run_id, owner)
-            attempts = (await connection.execute(_STEP_ATTEMPT_FAILED, params)).scalar_one()
-            data = step_event(step, StepStatus.RUNNING, attempt=attempts, error_message=error)
-            await add_event(connection, events, run_id, seq, "step_attempt_failed", data)
+        await self._step_attempt(
+            run_id,
+            owner,
+            step,
+            _STEP_ATTEMPT_FAILED,
+            params,
+            "step_attempt_failed",
+            StepStatus.RUNNING,
+            error_message=error,
+        )
 
     async def step_failed(self, run_id: str, owner: str, step: str, error: str) -> None:
         params = _step_params(run_id, owner, step, error=error)
+        await self._step_attempt(
+            run_id,
+            owner,
+            step,
+            _STEP_FAILED,
+            params,
+            "step_failed",
+            StepStatus.FAILED,
+            error_message=error,
+        )
+
+    async def _step_attempt(
+        self,
+        run_id: str,
+        owner: str,
+        step: str,
+        statement: Any,
+        params: dict[str, Any],
+        event: EventName,
+        status: StepStatus,
+        **fields: Any,
+    ) -> int:
+        """Apply `statement` (which returns the step's attempts) to the step under the lease,
+        with its event; the step's attempt count."""
         async with self._progress() as (connection, events):
             seq = await _next_event(connection, run_id, owner)
-            attempts = (await connection.execute(_STEP_FAILED, params)).scalar_one()
-            data = step_event(step, StepStatus.FAILED, attempt=attempts, error_message=error)
-            await add_event(connection, events, run_id, seq, "step_failed", data)
+            attempts = int((await connection.execute(statement, params)).scalar_one())
+            data = step_event(step, status, attempt=attempts, **fields)
+            await add_event(connection, events, run_id, seq, event, data)
+        return attempts
 
     async def step_completed(
         self,
@@ -515,20 +549,7 @@ class RunStore(Repository):
     async def fail(self, run_id: str, owner: str, error: str) -> bool:
         """Mark the run failed for good; False if the lease was no longer ours."""
         async with self._progress() as (connection, events):
-            seq = await connection.scalar(
-                next_event_numbers(Run.id == run_id, Run.lease_owner == owner).values(
-                    status=RunStatus.FAILED,
-                    error_message=error,
-                    completed_at=db_time(),
-                    updated_at=db_time(),
-                    lease_owner=None,
-                    lease_expires_at=None,
-                )
-            )
-            if seq is None:
-                return False
-            await add_event(connection, events, run_id, seq, "run_failed", run_failed_event(error))
-            return True
+            return await fail_run(connection, events, run_id, error, Run.lease_owner == owner)
 
     # --- quarantine ----------------------------------------------------------------------
 
@@ -699,6 +720,31 @@ def _step_params(
         **values,
     }
     return {f"p_{name}": value for name, value in named.items()}
+
+
+async def fail_run(
+    connection: AsyncConnection,
+    events: list[RunEvent],
+    run_id: str,
+    error: str,
+    *fence: Any,
+) -> bool:
+    """Mark the run failed for good, with its `run_failed` event, where `fence` holds; False
+    when it does not (the caller's transaction)."""
+    seq = await connection.scalar(
+        next_event_numbers(Run.id == run_id, *fence).values(
+            status=RunStatus.FAILED,
+            error_message=error,
+            completed_at=db_time(),
+            updated_at=db_time(),
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    )
+    if seq is None:
+        return False
+    await add_event(connection, events, run_id, seq, "run_failed", run_failed_event(error))
+    return True
 
 
 async def _next_event(
